@@ -1,0 +1,277 @@
+"""Settings: pydantic models loaded once from YAML, with environment overrides.
+
+Every key is validated at start-up; an unknown key or a bad value is an error
+naming the key path (``node.port: must be between 1 and 65535``). Any setting
+can be overridden by ``AENODE_<SECTION>__<KEY>`` (``AENODE_NODE__PORT=11113``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from aenode.select.spec import RuleSpec
+
+__all__ = [
+    "ConfigError",
+    "DestinationSettings",
+    "ExportSettings",
+    "LoggingSettings",
+    "ModelsSettings",
+    "NodeSettings",
+    "PeerSettings",
+    "ResultsSettings",
+    "RetrySettings",
+    "RuntimeSettings",
+    "SelectionSettings",
+    "SeriesSettings",
+    "Settings",
+    "StorageSettings",
+    "load_settings",
+]
+
+ENV_PREFIX = "AENODE_"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16 or "\\" in value or not value.isprintable():
+        raise ValueError("must be 1 to 16 printable characters without a backslash")
+    return value
+
+
+class PeerSettings(_Section):
+    """A calling AE allowed to associate, optionally bound to a host."""
+
+    ae_title: str
+    host: str | None = None
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class NodeSettings(_Section):
+    """The DIMSE listener."""
+
+    ae_title: str = "AENODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    check_called_ae: bool = True
+    allowed_peers: list[PeerSettings] | None = Field(
+        default=None, description="calling AEs allowed to associate; null accepts any"
+    )
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    max_pdu_size: int = Field(default=0, ge=0, description="0 means unlimited")
+    accept_unknown_storage: bool = True
+    receivers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="receiving processes sharing the port (SO_REUSEPORT); 0 picks the CPU count",
+    )
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=30.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError("must be between 1 and 65535")
+        return value
+
+
+class StorageSettings(_Section):
+    """Where the spool and the store live."""
+
+    path: Path = Path("./var")
+    min_free_mb: int = Field(default=500, ge=0, description="below this, C-STORE answers 0xA700")
+    fsync: bool = True
+    duplicate_policy: Literal["replace", "keep_first"] = "keep_first"
+
+
+class SeriesSettings(_Section):
+    """When a series is complete."""
+
+    release_grace_seconds: float = Field(default=1.0, ge=0)
+    quiet_seconds: float = Field(default=10.0, gt=0)
+    max_wait_seconds: float = Field(default=3600.0, gt=0)
+    late_instances: Literal["revise", "ignore"] = "revise"
+    poll_seconds: float = Field(default=0.05, gt=0)
+
+
+class SelectionSettings(_Section):
+    """Rules mapping series (or studies of several series) to models."""
+
+    study_timeout_seconds: float = Field(default=120.0, gt=0)
+    rules: list[RuleSpec] = Field(default_factory=list)
+
+
+class ModelsSettings(_Section):
+    """Model packages: ``<path>/<name>/model.yaml`` plus weights."""
+
+    path: Path = Path("./models")
+    enabled: list[str] | None = Field(default=None, description="null loads every package")
+
+
+class RuntimeSettings(_Section):
+    """Inference workers."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(default=0, ge=0, description="0 leaves torch's default")
+    job_timeout_seconds: float = Field(default=600.0, gt=0)
+    mixed_precision: bool = True
+    deterministic: bool = True
+
+
+class ResultsSettings(_Section):
+    """The DICOM objects written for each job."""
+
+    seg: bool = True
+    fractional: bool = False
+    skip_empty_seg: bool = False
+    report: bool = True
+    sr: bool = True
+    series_number_base: int = Field(default=9000, ge=1, le=2147483647)
+    manufacturer: str = "aenode"
+    institution_name: str | None = None
+
+
+class DestinationSettings(_Section):
+    """A C-STORE SCP that receives the results."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class RetrySettings(_Section):
+    """Export retries: exponential back-off that survives restarts."""
+
+    initial_seconds: float = Field(default=5.0, gt=0)
+    max_interval_seconds: float = Field(default=600.0, gt=0)
+    give_up_after_seconds: float = Field(default=86400.0, gt=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class ExportSettings(_Section):
+    """Where results go."""
+
+    calling_ae_title: str | None = Field(default=None, description="defaults to node.ae_title")
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+
+
+class LoggingSettings(_Section):
+    """Console logging, configured by the CLI only."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(default=False, alias="json")
+    phi: bool = Field(default=False, description="allow patient name, ID, birth date in logs")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Settings(_Section):
+    """All of aenode's settings."""
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: {msg}")
+    return f"{source}: invalid configuration\n  " + "\n  ".join(lines)
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        if not all(keys):
+            raise ConfigError(f"{name}: malformed override (use AENODE_SECTION__KEY)")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(keys)} is not a section")
+            node = child
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Load and validate settings from YAML plus ``AENODE_*`` overrides.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path or None
+        YAML file; ``None`` uses the defaults only.
+    environ : Mapping[str, str] or None
+        Environment to read overrides from; defaults to ``os.environ``.
+
+    Returns
+    -------
+    Settings
+        The validated settings. Relative paths stay relative to the working directory.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read or parsed, or a key is unknown or invalid;
+        the message names the file and each offending key path.
+    """
+    source = str(path) if path is not None else "(defaults)"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+        data = loaded
+    data = _apply_env(data, os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from exc

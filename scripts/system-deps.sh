@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install Debian's dcmtk, orthanc and dicom3tools when a tool is missing and we are root.
+set -euo pipefail
+missing=()
+command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
+command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
+command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+fi
+echo "installing Debian packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The Debian package starts a system Orthanc on 4242/8042; tests start their own.
+if command -v service >/dev/null 2>&1; then service orthanc stop >/dev/null 2>&1 || true; fi

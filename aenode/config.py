@@ -146,8 +146,21 @@ class ResultsSettings(_Section):
     report: bool = True
     sr: bool = True
     series_number_base: int = Field(default=9000, ge=1, le=2147483647)
+    series_description: str = Field(
+        default="AI {model} {kind} (aenode)",
+        description="template; {model} is the card's name, {kind} SEG, report or SR",
+    )
     manufacturer: str = "aenode"
     institution_name: str | None = None
+
+    @field_validator("series_description")
+    @classmethod
+    def _description(cls, value: str) -> str:
+        try:
+            value.format(model="m", kind="k")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"bad template (only {{model}} and {{kind}} allowed): {exc}") from exc
+        return value
 
 
 class DestinationSettings(_Section):

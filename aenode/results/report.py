@@ -1,0 +1,255 @@
+"""Secondary-capture report: one rendered RGB page (model, findings, key slices, disclaimer).
+
+The page is drawn with Pillow and numpy and wrapped in a highdicom ``SCImage`` (RGB, 8 bit,
+uncompressed) so that any viewer shows it; the same page is written as ``report.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image, ImageDraw, ImageFont
+
+from aenode import __version__
+from aenode.config import ResultsSettings
+from aenode.infer.cards import ModelCard
+from aenode.records import Prediction, Volume
+from aenode.results.source import (
+    label_masks,
+    reference_datasets,
+    series_description,
+    software_versions,
+)
+
+__all__ = [
+    "DISCLAIMER",
+    "PAGE_SIZE",
+    "REPORT_SERIES_OFFSET",
+    "build_report",
+    "key_slices",
+    "render_page",
+]
+
+REPORT_SERIES_OFFSET = 2
+PAGE_SIZE = (1024, 768)  # width, height
+DISCLAIMER = "NOT FOR DIAGNOSTIC USE - automated research result, verify before any clinical use"
+_FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
+_TILE = 300
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def _font(size: int, bold: bool = False) -> Font:
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    for folder in _FONT_DIRS:
+        if (folder / name).is_file():
+            try:
+                return ImageFont.truetype(str(folder / name), size)
+            except OSError:
+                break
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def key_slices(masks: np.ndarray, limit: int = 3) -> list[int]:
+    """Slices to show: the one of largest area per label, then of largest total area.
+
+    Parameters
+    ----------
+    masks : numpy.ndarray
+        Boolean masks, shape (slices, rows, columns, labels).
+    limit : int
+        At most this many slice indices.
+
+    Returns
+    -------
+    list of int
+        Distinct slice indices in ascending order; the middle slice when all masks are empty.
+    """
+    chosen: list[int] = []
+    areas = masks.sum(axis=(1, 2))  # (slices, labels)
+    for label in range(areas.shape[1]):
+        if areas[:, label].max() > 0:
+            idx = int(areas[:, label].argmax())
+            if idx not in chosen:
+                chosen.append(idx)
+    for idx in np.argsort(-areas.sum(axis=1), kind="stable"):
+        if len(chosen) >= limit or areas.sum(axis=1)[idx] == 0:
+            break
+        if int(idx) not in chosen:
+            chosen.append(int(idx))
+    if not chosen:
+        chosen = [masks.shape[0] // 2]
+    return sorted(chosen[:limit])
+
+
+def _tile(image: np.ndarray, masks: np.ndarray, colors: Sequence[Sequence[int]]) -> Image.Image:
+    lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    gray = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    for k, color in enumerate(colors):
+        m = masks[..., k]
+        rgb[m] = 0.45 * rgb[m] + 0.55 * np.asarray(color, dtype=float)
+    tile = Image.fromarray(rgb.astype(np.uint8), "RGB")
+    scale = _TILE / max(tile.width, tile.height)
+    size = (max(1, round(tile.width * scale)), max(1, round(tile.height * scale)))
+    return tile.resize(size, Image.Resampling.NEAREST)
+
+
+def render_page(
+    volume: Volume,
+    prediction: Prediction,
+    card: ModelCard,
+    volumes_mm3: Mapping[str, float],
+) -> np.ndarray:
+    """Draw the report page.
+
+    Parameters
+    ----------
+    volume : aenode.records.Volume
+        The reference volume (key slices and study identifiers).
+    prediction : aenode.records.Prediction
+        Its label map is overlaid; ``class_probabilities`` are listed.
+    card : aenode.infer.cards.ModelCard
+        Name, version, description, labels (colours) and classes.
+    volumes_mm3 : Mapping[str, float]
+        Volume per label name.
+
+    Returns
+    -------
+    numpy.ndarray
+        RGB page, uint8, shape (768, 1024, 3).
+    """
+    page = Image.new("RGB", PAGE_SIZE, (255, 255, 255))
+    draw = ImageDraw.Draw(page)
+    title, body, small = _font(28, bold=True), _font(18), _font(14)
+    ds = volume.datasets[0] if volume.datasets else None
+
+    def tag(keyword: str) -> str:
+        return str(getattr(ds, keyword, "") or "") if ds is not None else ""
+
+    draw.text((30, 20), f"AI result: {card.name} {card.version}", fill=(0, 0, 0), font=title)
+    draw.text((30, 60), card.description[:110], fill=(60, 60, 60), font=small)
+    ids = [
+        f"Patient: {tag('PatientName')}  ID: {tag('PatientID')}",
+        f"Study date: {tag('StudyDate')}  Accession: {tag('AccessionNumber')}",
+        f"Study UID: {volume.series.study_uid}",
+        f"Series: {volume.series.description or '-'} ({volume.series.series_uid})",
+    ]
+    for i, line in enumerate(ids):
+        draw.text((30, 88 + 20 * i), line[:130], fill=(0, 0, 0), font=small)
+
+    y = 180
+    draw.text((30, y), "Findings", fill=(0, 0, 0), font=_font(20, bold=True))
+    y += 32
+    for spec in card.outputs.labels:
+        mm3 = volumes_mm3.get(spec.name, 0.0)
+        draw.rectangle((30, y + 3, 44, y + 17), fill=tuple(spec.color))
+        draw.text(
+            (54, y),
+            f"{spec.name}: {mm3:,.0f} mm\u00b3 ({mm3 / 1000:.2f} mL)",
+            fill=(0, 0, 0),
+            font=body,
+        )
+        y += 26
+    if card.outputs.labels:
+        total = sum(volumes_mm3.get(s.name, 0.0) for s in card.outputs.labels)
+        draw.text(
+            (54, y),
+            f"total: {total:,.0f} mm\u00b3 ({total / 1000:.2f} mL)",
+            font=body,
+            fill=(0, 0, 0),
+        )
+        y += 26
+    thresholds = {c.name: c.threshold for c in card.outputs.classes}
+    for name, p in (prediction.class_probabilities or {}).items():
+        verdict = "positive" if p >= thresholds.get(name, 0.5) else "negative"
+        draw.text((54, y), f"{name}: p = {p:.3f} ({verdict})", fill=(0, 0, 0), font=body)
+        y += 26
+
+    if prediction.labels is not None and card.outputs.labels:
+        masks = label_masks(prediction, card.outputs.labels, volume)
+        image = sitk.GetArrayViewFromImage(volume.image).astype(np.float32)
+        colors = [spec.color for spec in card.outputs.labels]
+        x = 30
+        for idx in key_slices(masks):
+            tile = _tile(image[idx], masks[idx], colors)
+            page.paste(tile, (x, y + 30))
+            draw.text(
+                (x, y + 8), f"slice {idx + 1} of {masks.shape[0]}", fill=(0, 0, 0), font=small
+            )
+            x += _TILE + 20
+
+    draw.rectangle((0, PAGE_SIZE[1] - 50, PAGE_SIZE[0], PAGE_SIZE[1]), fill=(180, 0, 0))
+    draw.text((30, PAGE_SIZE[1] - 40), DISCLAIMER, fill=(255, 255, 255), font=body)
+    draw.text((PAGE_SIZE[0] - 140, 20), f"aenode {__version__}", fill=(120, 120, 120), font=small)
+    return np.asarray(page, dtype=np.uint8).copy()
+
+
+def _orientation(volume: Volume) -> tuple[str, str]:
+    direction = np.asarray(volume.image.GetDirection(), dtype=float).reshape(3, 3)
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, +y, +z in LPS
+
+    def letter(vector: np.ndarray) -> str:
+        axis = int(np.abs(vector).argmax())
+        return letters[axis][0] if vector[axis] > 0 else letters[axis][1]
+
+    return letter(direction[:, 0]), letter(direction[:, 1])
+
+
+def build_report(
+    volume: Volume,
+    prediction: Prediction,
+    card: ModelCard,
+    settings: ResultsSettings,
+    volumes_mm3: Mapping[str, float],
+    *,
+    page: np.ndarray | None = None,
+) -> hd.sc.SCImage:
+    """Build the secondary-capture report of one prediction.
+
+    Parameters
+    ----------
+    volume, prediction, card, volumes_mm3
+        As for :func:`render_page`.
+    settings : aenode.config.ResultsSettings
+        ``series_number_base`` (+2), ``series_description``, ``manufacturer``.
+    page : numpy.ndarray or None
+        An already rendered page; rendered here when None.
+
+    Returns
+    -------
+    highdicom.sc.SCImage
+        RGB, 8 bits, Explicit VR Little Endian, in the source study, a new series.
+    """
+    if page is None:
+        page = render_page(volume, prediction, card, volumes_mm3)
+    ref = reference_datasets(volume)[0]
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=page,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=hd.UID(),
+        series_number=settings.series_number_base + REPORT_SERIES_OFFSET,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=settings.manufacturer,
+        patient_orientation=_orientation(volume),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        series_description=series_description(settings, card, "report"),
+        manufacturer_model_name=card.name[:64],
+        software_versions=software_versions(card),
+        institution_name=settings.institution_name,
+    )
+    sc.Laterality = ""
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = DISCLAIMER[:10240]
+    return sc

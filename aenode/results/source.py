@@ -1,0 +1,153 @@
+"""What the result writers share: the source series, coded concepts, label masks, identity.
+
+Each writer (``seg``, ``report``, ``sr``) builds one IOD from the same inputs: the reference
+volume's source headers, the prediction on its grid and the model card.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import SimpleITK as sitk
+from pydicom import Dataset
+
+from aenode import __version__
+from aenode.config import ResultsSettings
+from aenode.infer.cards import Code, LabelSpec, ModelCard
+from aenode.records import Prediction, Volume
+
+__all__ = [
+    "ResultError",
+    "algorithm_identification",
+    "coded",
+    "label_masks",
+    "reference_datasets",
+    "series_description",
+    "software_versions",
+    "voxel_volume_mm3",
+]
+
+# Type 2 patient/study attributes that highdicom copies from the source and that some real
+# series (the HippoCrop crops) lack; empty is a valid Type 2 value.
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+class ResultError(ValueError):
+    """A prediction or source that cannot be written as a result object; names the culprit."""
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    """A model card's code as a highdicom coded concept.
+
+    Parameters
+    ----------
+    code : aenode.infer.cards.Code
+        Value, coding scheme designator and meaning.
+
+    Returns
+    -------
+    highdicom.sr.CodedConcept
+    """
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def software_versions(card: ModelCard) -> list[str]:
+    """``SoftwareVersions`` of every result: aenode's version and the model's.
+
+    A list, not a tuple: pydicom accepts only lists for multi-valued elements.
+    """
+    return [f"aenode {__version__}", f"{card.name} {card.version}"[:64]]
+
+
+def algorithm_identification(card: ModelCard) -> hd.AlgorithmIdentificationSequence:
+    """The SEG's algorithm identification from the card (family defaults to AI)."""
+    family = (
+        coded(card.algorithm_family)
+        if card.algorithm_family is not None
+        else (hd.sr.CodedConcept("123109", "DCM", "Artificial Intelligence"))
+    )
+    return hd.AlgorithmIdentificationSequence(
+        name=card.name, family=family, version=card.version, source="aenode"
+    )
+
+
+def series_description(settings: ResultsSettings, card: ModelCard, kind: str) -> str:
+    """The configured series description for one kind of result (``SEG``, ``report``, ``SR``)."""
+    return settings.series_description.format(model=card.name, kind=kind)[:64]
+
+
+def reference_datasets(volume: Volume) -> list[Dataset]:
+    """The reference volume's source headers, with missing Type 2 attributes added empty.
+
+    The source files are never changed: the headers are copied first.
+
+    Raises
+    ------
+    ResultError
+        If the volume carries no source headers.
+    """
+    if not volume.datasets:
+        raise ResultError(
+            f"series {volume.series.series_uid}: the volume has no source headers (datasets)"
+        )
+    out = []
+    for ds in volume.datasets:
+        ref = copy.copy(ds)
+        for keyword in _TYPE2:
+            if keyword not in ref:
+                setattr(ref, keyword, "")
+        out.append(ref)
+    return out
+
+
+def voxel_volume_mm3(image: sitk.Image) -> float:
+    """Volume of one voxel of ``image`` in mm^3."""
+    return float(np.prod(image.GetSpacing()))
+
+
+def label_masks(prediction: Prediction, labels: Sequence[LabelSpec], volume: Volume) -> np.ndarray:
+    """One boolean mask per card label, shape (slices, rows, columns, labels).
+
+    Parameters
+    ----------
+    prediction : aenode.records.Prediction
+        Its ``labels`` image must be on the grid of ``volume``.
+    labels : sequence of LabelSpec
+        The card's labels; mask ``i`` holds the voxels equal to ``labels[i].value``.
+    volume : aenode.records.Volume
+        The reference volume.
+
+    Raises
+    ------
+    ResultError
+        If the prediction has no label map, or its grid differs from the volume's.
+    """
+    if prediction.labels is None:
+        raise ResultError(f"model {prediction.model}: the prediction has no label map (labels)")
+    if prediction.labels.GetSize() != volume.image.GetSize():
+        raise ResultError(
+            f"model {prediction.model}: label map size {prediction.labels.GetSize()} differs "
+            f"from series {volume.series.series_uid} size {volume.image.GetSize()}"
+        )
+    if not np.allclose(prediction.labels.GetOrigin(), volume.image.GetOrigin(), atol=1e-3) or (
+        not np.allclose(prediction.labels.GetDirection(), volume.image.GetDirection(), atol=1e-4)
+    ):
+        raise ResultError(
+            f"model {prediction.model}: label map origin/direction differ from series "
+            f"{volume.series.series_uid}"
+        )
+    array = sitk.GetArrayViewFromImage(prediction.labels)
+    return np.stack([array == spec.value for spec in labels], axis=-1)

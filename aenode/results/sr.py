@@ -1,0 +1,184 @@
+"""TID 1500 measurement report (Comprehensive 3D SR): segment volumes and classifier findings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from aenode.config import ResultsSettings
+from aenode.infer.cards import ModelCard
+from aenode.records import Prediction, Volume
+from aenode.results.source import (
+    coded,
+    reference_datasets,
+    series_description,
+    software_versions,
+)
+
+__all__ = ["SR_SERIES_OFFSET", "build_sr"]
+
+SR_SERIES_OFFSET = 3
+_IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+_LOCAL_SCHEME = "99AENODE"
+
+
+def _algorithm(card: ModelCard) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=card.name, version=card.version)
+
+
+def _volume_groups(
+    card: ModelCard,
+    volumes_mm3: Mapping[str, float],
+    seg: Dataset | None,
+    series_uid: str,
+) -> list[
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+]:
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    for number, spec in enumerate(card.outputs.labels, start=1):
+        tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{spec.name} volume"[:64])
+        measurement = hd.sr.Measurement(
+            name=codes.SCT.Volume,
+            value=float(volumes_mm3.get(spec.name, 0.0)),
+            unit=codes.UCUM.CubicMillimeter,
+            algorithm_id=_algorithm(card),
+        )
+        if seg is not None:
+            # Built by hand: from_segmentation fails when a single segment puts
+            # SegmentIdentificationSequence in the shared functional groups (NOTES.md).
+            segment = hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=number,
+                source_series=hd.sr.SourceSeriesForSegmentation(series_uid),
+            )
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_segment=segment,
+                    finding_type=coded(spec.type),
+                    finding_category=coded(spec.category),
+                    algorithm_id=_algorithm(card),
+                    measurements=[measurement],
+                )
+            )
+        else:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    finding_type=coded(spec.type),
+                    finding_category=coded(spec.category),
+                    algorithm_id=_algorithm(card),
+                    measurements=[measurement],
+                )
+            )
+    return groups
+
+
+def _class_groups(
+    card: ModelCard, prediction: Prediction
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    specs = {c.name: c for c in card.outputs.classes}
+    groups = []
+    for name, probability in (prediction.class_probabilities or {}).items():
+        spec = specs.get(name)
+        threshold = spec.threshold if spec is not None else 0.5
+        finding = (
+            coded(spec.finding)
+            if spec is not None and spec.finding is not None
+            else hd.sr.CodedConcept(name[:16], _LOCAL_SCHEME, name[:64])
+        )
+        present = codes.SCT.Present if probability >= threshold else codes.SCT.Absent
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(), identifier=f"{card.name} {name}"[:64]
+                ),
+                finding_type=finding,
+                algorithm_id=_algorithm(card),
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=present)],
+                measurements=[
+                    hd.sr.Measurement(
+                        name=codes.DCM.Probability,
+                        value=float(probability),
+                        unit=codes.UCUM.NoUnits,
+                        algorithm_id=_algorithm(card),
+                    )
+                ],
+            )
+        )
+    return groups
+
+
+def build_sr(
+    volume: Volume,
+    prediction: Prediction,
+    card: ModelCard,
+    settings: ResultsSettings,
+    volumes_mm3: Mapping[str, float],
+    seg: Dataset | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 measurement report of one prediction.
+
+    Parameters
+    ----------
+    volume : aenode.records.Volume
+        The reference volume; its source instances are the evidence.
+    prediction : aenode.records.Prediction
+        ``class_probabilities`` become qualitative evaluations with their probability.
+    card : aenode.infer.cards.ModelCard
+        Labels (coded finding type and category) and classes (coded finding, threshold).
+    settings : aenode.config.ResultsSettings
+        ``series_number_base`` (+3), ``series_description``, ``manufacturer``.
+    volumes_mm3 : Mapping[str, float]
+        Volume per label name, reported in UCUM ``mm3``.
+    seg : pydicom.Dataset or None
+        The SEG of the same prediction; each volume group then references its segment.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+    """
+    sources = reference_datasets(volume)
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(),
+            name=card.name[:64],
+            manufacturer_name=settings.manufacturer,
+            model_name=card.version[:64],
+        ),
+    )
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    groups += _volume_groups(card, volumes_mm3, seg, volume.series.series_uid)
+    groups += _class_groups(card, prediction)
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=_IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    evidence: list[Dataset] = list(sources) + ([seg] if seg is not None else [])
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=settings.series_number_base + SR_SERIES_OFFSET,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=settings.manufacturer,
+        is_complete=True,
+        institution_name=settings.institution_name,
+        series_description=series_description(settings, card, "SR"),
+        software_versions=software_versions(card),
+        manufacturer_model_name=card.name[:64],
+    )

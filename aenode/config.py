@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from aenode.select.spec import RuleSpec
 
@@ -116,8 +123,22 @@ class SeriesSettings(_Section):
 class SelectionSettings(_Section):
     """Rules mapping series (or studies of several series) to models."""
 
-    study_timeout_seconds: float = Field(default=120.0, gt=0)
+    study_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="a study rule's wait for its roles after the last match"
+    )
     rules: list[RuleSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _rules_compile(self) -> SelectionSettings:
+        # Meaning (keywords, regular expressions, one kind per condition) is checked at
+        # load time; model names are checked when the models are loaded.
+        from aenode.select.rules import compile_rules
+
+        try:
+            compile_rules(self.rules, prefix="rules")
+        except ConfigError as exc:
+            raise ValueError(str(exc).replace("\n", "\n  selection: ")) from None
+        return self
 
 
 class ModelsSettings(_Section):

@@ -1,0 +1,355 @@
+"""Complete series -> jobs: series rules at once, study rules when every role has a series.
+
+A study rule (``roles:``) waits until each of its roles has been filled by a complete series
+of the same study; then one job per model starts. If the roles are not all filled within
+``study_timeout_seconds`` after the study's last role match, :meth:`StudyTracker.due` decides
+per model from its card (``inputs.roles[i].required``): a model runs with the roles present
+when every missing role is optional, otherwise the study records which role was missing
+(state ``missing`` with the reason; a late series of that role still starts it).
+
+State lives in the store (tables ``select_roles`` and ``select_studies``) and every job is
+recorded in the store's ``jobs`` table in the same transaction as the state change that made
+it, so that a restart neither loses nor repeats a job: ``on_series`` and ``due`` return only
+jobs that were newly recorded, with ``Job.id`` set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+
+from aenode.records import Job, SeriesInfo
+from aenode.select.rules import Rule, match_series
+from aenode.store import Store
+
+__all__ = ["SERIES_ROLE", "StudyTracker", "job_from_row", "series_from_json", "series_to_json"]
+
+log = logging.getLogger(__name__)
+
+SERIES_ROLE = "image"
+"""The single input role of a job made by a series rule."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS select_roles (
+    rule TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    role TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    series TEXT NOT NULL,
+    matched_at REAL NOT NULL,
+    PRIMARY KEY (rule, study_uid, role)
+);
+CREATE TABLE IF NOT EXISTS select_studies (
+    rule TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'waiting',
+    first_match REAL NOT NULL,
+    last_match REAL NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (rule, study_uid)
+);
+CREATE INDEX IF NOT EXISTS select_studies_state ON select_studies (state, last_match);
+"""
+
+
+def series_to_json(series: SeriesInfo) -> dict[str, Any]:
+    """A JSON-ready dict of a :class:`SeriesInfo` (paths as strings)."""
+    data = asdict(series)
+    data["files"] = [str(p) for p in series.files]
+    return data
+
+
+def series_from_json(data: Mapping[str, Any]) -> SeriesInfo:
+    """The inverse of :func:`series_to_json`."""
+    fields = dict(data)
+    fields["files"] = tuple(Path(p) for p in fields.get("files", ()))
+    return SeriesInfo(**fields)
+
+
+def _inputs_json(inputs: Mapping[str, SeriesInfo]) -> str:
+    return json.dumps({role: series_to_json(s) for role, s in sorted(inputs.items())})
+
+
+def job_from_row(row: sqlite3.Row | Mapping[str, Any]) -> Job:
+    """Rebuild a :class:`Job` from its row in the ``jobs`` table (after a restart).
+
+    Parameters
+    ----------
+    row : sqlite3.Row or mapping
+        With ``id``, ``rule``, ``model``, ``study_uid`` and ``inputs``.
+
+    Returns
+    -------
+    Job
+    """
+    inputs = {role: series_from_json(s) for role, s in json.loads(row["inputs"]).items()}
+    return Job(
+        rule=row["rule"],
+        model=row["model"],
+        study_uid=row["study_uid"],
+        inputs=inputs,
+        id=int(row["id"]),
+    )
+
+
+class StudyTracker:
+    """Turns complete series into jobs; remembers study roles across restarts.
+
+    Parameters
+    ----------
+    store : Store
+        The node's store; the tracker adds its tables (CREATE TABLE IF NOT EXISTS).
+    rules : sequence of Rule
+        Compiled rules (:func:`aenode.select.rules.compile_rules`).
+    role_requirements : mapping of str to mapping of str to bool
+        Model name -> role -> required, from the model cards. A role not listed is required.
+    timeout : float
+        Seconds after a study's last role match before :meth:`due` decides without the
+        missing roles (``settings.selection.study_timeout_seconds``).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        rules: Sequence[Rule],
+        role_requirements: Mapping[str, Mapping[str, bool]],
+        *,
+        timeout: float = 120.0,
+    ) -> None:
+        self.store = store
+        self.rules = list(rules)
+        self._by_name = {r.name: r for r in self.rules}
+        self.role_requirements = {m: dict(r) for m, r in role_requirements.items()}
+        self.timeout = timeout
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                store.execute(statement)
+
+    # -- recording -----------------------------------------------------------------------
+
+    def _record(
+        self,
+        conn: sqlite3.Connection,
+        rule: Rule,
+        model: str,
+        study_uid: str,
+        inputs: dict[str, SeriesInfo],
+        now: float,
+    ) -> Job | None:
+        received = min((s.first_arrival for s in inputs.values()), default=0.0)
+        completed = max((s.completed_at for s in inputs.values()), default=0.0)
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO jobs (rule, model, study_uid, inputs, state, t_received,"
+            " t_completed, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            (rule.name, model, study_uid, _inputs_json(inputs), received, completed, now, now),
+        )
+        if cur.rowcount != 1:
+            return None
+        job = Job(rule=rule.name, model=model, study_uid=study_uid, inputs=dict(inputs))
+        job.id = cur.lastrowid
+        log.info(
+            "job %s: rule %s, model %s, inputs %s",
+            job.id,
+            rule.name,
+            model,
+            ", ".join(f"{r}={s.series_uid}" for r, s in sorted(inputs.items())),
+            extra={"study": study_uid, "model": model, "job": job.id},
+        )
+        return job
+
+    def _roles(self, conn: sqlite3.Connection, rule: Rule, study_uid: str) -> dict[str, SeriesInfo]:
+        rows = conn.execute(
+            "SELECT role, series FROM select_roles WHERE rule=? AND study_uid=?",
+            (rule.name, study_uid),
+        ).fetchall()
+        return {r["role"]: series_from_json(json.loads(r["series"])) for r in rows}
+
+    # -- events --------------------------------------------------------------------------
+
+    def on_series(
+        self,
+        series: SeriesInfo,
+        header: Dataset,
+        *,
+        count: int | None = None,
+        now: float | None = None,
+    ) -> list[Job]:
+        """Take one complete series: jobs of series rules at once, study roles remembered.
+
+        Parameters
+        ----------
+        series : SeriesInfo
+            The complete series (one revision).
+        header : pydicom.Dataset
+            One of its instances' headers.
+        count : int or None
+            Instances in the series; defaults to ``len(series.files)``.
+        now : float or None
+            Epoch seconds (defaults to the clock).
+
+        Returns
+        -------
+        list of Job
+            The jobs newly recorded (a series handed in again yields none twice).
+        """
+        now = time.time() if now is None else now
+        count = len(series.files) if count is None else count
+        extra = {"study": series.study_uid, "series": series.series_uid}
+        matches = match_series(self.rules, header, count)
+        if not matches:
+            log.info("series matches no rule", extra=extra)
+            return []
+        jobs: list[Job] = []
+        with self.store.transaction() as conn:
+            for rule, role in matches:
+                if role is None:
+                    for model in rule.models:
+                        job = self._record(
+                            conn, rule, model, series.study_uid, {SERIES_ROLE: series}, now
+                        )
+                        if job is not None:
+                            jobs.append(job)
+                    continue
+                jobs.extend(self._fill_role(conn, rule, role, series, now))
+        return jobs
+
+    def _fill_role(
+        self, conn: sqlite3.Connection, rule: Rule, role: str, series: SeriesInfo, now: float
+    ) -> list[Job]:
+        study = series.study_uid
+        extra = {"study": study, "series": series.series_uid}
+        row = conn.execute(
+            "SELECT state FROM select_studies WHERE rule=? AND study_uid=?", (rule.name, study)
+        ).fetchone()
+        if row is not None and row["state"] == "started":
+            log.info(
+                "rule %s already started for this study; series for role %s not used",
+                rule.name,
+                role,
+                extra=extra,
+            )
+            return []
+        conn.execute(
+            "INSERT OR REPLACE INTO select_roles (rule, study_uid, role, series_uid, revision,"
+            " series, matched_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                rule.name,
+                study,
+                role,
+                series.series_uid,
+                series.revision,
+                json.dumps(series_to_json(series)),
+                now,
+            ),
+        )
+        conn.execute(
+            "INSERT INTO select_studies (rule, study_uid, state, first_match, last_match)"
+            " VALUES (?, ?, 'waiting', ?, ?) ON CONFLICT (rule, study_uid) DO UPDATE SET"
+            " last_match=excluded.last_match",
+            (rule.name, study, now, now),
+        )
+        present = self._roles(conn, rule, study)
+        missing = [r for r in rule.roles if r not in present]
+        log.info(
+            "rule %s: role %s filled; %s",
+            rule.name,
+            role,
+            f"waiting for {', '.join(missing)}" if missing else "all roles present",
+            extra=extra,
+        )
+        if missing:
+            return []
+        jobs = []
+        for model in rule.models:
+            job = self._record(conn, rule, model, study, present, now)
+            if job is not None:
+                jobs.append(job)
+        conn.execute(
+            "UPDATE select_studies SET state='started', reason=NULL WHERE rule=? AND study_uid=?",
+            (rule.name, study),
+        )
+        return jobs
+
+    def due(self, now: float | None = None) -> list[Job]:
+        """Decide the studies whose roles were not all filled within the timeout.
+
+        Parameters
+        ----------
+        now : float or None
+            Epoch seconds (defaults to the clock).
+
+        Returns
+        -------
+        list of Job
+            Jobs of models that may run with the roles present; studies where a required
+            role is missing get state ``missing`` and the reason instead.
+        """
+        now = time.time() if now is None else now
+        jobs: list[Job] = []
+        with self.store.transaction() as conn:
+            rows = conn.execute(
+                "SELECT rule, study_uid FROM select_studies WHERE state='waiting'"
+                " AND last_match<=?",
+                (now - self.timeout,),
+            ).fetchall()
+            for row in rows:
+                rule = self._by_name.get(row["rule"])
+                study = row["study_uid"]
+                if rule is None:
+                    conn.execute(
+                        "UPDATE select_studies SET state='missing', reason=? WHERE rule=?"
+                        " AND study_uid=?",
+                        (f"rule {row['rule']} is no longer configured", row["rule"], study),
+                    )
+                    continue
+                present = self._roles(conn, rule, study)
+                absent = [r for r in rule.roles if r not in present]
+                reasons = []
+                started = False
+                for model in rule.models:
+                    needs = self.role_requirements.get(model, {})
+                    required = [r for r in absent if needs.get(r, True)]
+                    if required:
+                        reasons.append(
+                            f"model {model}: required role(s) {', '.join(required)} missing "
+                            f"after {self.timeout:g} s"
+                        )
+                        continue
+                    started = True
+                    job = self._record(conn, rule, model, study, present, now)
+                    if job is not None:
+                        jobs.append(job)
+                reason = "; ".join(reasons) or None
+                state = "started" if started else "missing"
+                conn.execute(
+                    "UPDATE select_studies SET state=?, reason=? WHERE rule=? AND study_uid=?",
+                    (state, reason, rule.name, study),
+                )
+                if reason:
+                    log.warning("rule %s: %s", rule.name, reason, extra={"study": study})
+        return jobs
+
+    def study_state(self, rule: str, study_uid: str) -> tuple[str, str | None] | None:
+        """The state (``waiting``, ``started``, ``missing``) and reason of a study rule.
+
+        Returns
+        -------
+        tuple of (str, str or None) or None
+            None when no series of the study has filled a role of the rule.
+        """
+        rows = self.store.execute(
+            "SELECT state, reason FROM select_studies WHERE rule=? AND study_uid=?",
+            (rule, study_uid),
+        )
+        if not rows:
+            return None
+        return str(rows[0]["state"]), rows[0]["reason"]

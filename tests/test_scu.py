@@ -65,7 +65,7 @@ def hippo_files(data_dir: Path) -> list[Path]:
 def test_files_arrive_with_identical_content(storescp, data_dir: Path) -> None:
     port, out = storescp
     files = hippo_files(data_dir)
-    outcome = send_files(dest(port), files, calling_ae="AENODE", timeout=10)
+    outcome = send_files(dest(port), files, calling_ae="AENODE", timeout=30)
     assert outcome.ok, outcome
     assert outcome.error is None and outcome.failed == {}
     sent = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in files}

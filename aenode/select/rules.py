@@ -99,6 +99,11 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
+def _q(value: Any) -> str:
+    """Quoted for messages, without repr's doubled backslashes (``'DERIVED\\PRIMARY'``)."""
+    return "'" + _text(value) + "'"
+
+
 def _value(header: Dataset, keyword: str) -> Any:
     """The attribute's value, or None when absent or empty."""
     elem = header.get(keyword)
@@ -117,7 +122,7 @@ def _number(value: Any) -> float | None:
 
 
 def _fmt(value: Scalar) -> str:
-    return repr(value) if isinstance(value, str) else f"{value:g}"
+    return _q(value) if isinstance(value, str) else f"{value:g}"
 
 
 def _same(actual: Any, wanted: Scalar, ignore_case: bool) -> bool:
@@ -223,7 +228,7 @@ class _Equals:
             return f"{self.tag} is absent (wanted {_fmt(self.value)})"
         if _same(actual, self.value, self.ignore_case):
             return None
-        return f"{self.tag} {_text(actual)!r} is not {_fmt(self.value)}"
+        return f"{self.tag} {_q(actual)} is not {_fmt(self.value)}"
 
     def describe(self) -> str:
         return f"{self.tag} is {_fmt(self.value)}"
@@ -242,13 +247,13 @@ class _Regex:
     def check(self, header: Dataset, count: int) -> str | None:
         actual = _value(header, self.tag)
         if actual is None:
-            return f"{self.tag} is absent (wanted a match of {self.shown!r})"
+            return f"{self.tag} is absent (wanted a match of {_q(self.shown)})"
         if self.pattern.fullmatch(_text(actual)):
             return None
-        return f"{self.tag} {_text(actual)!r} does not match {self.shown!r}"
+        return f"{self.tag} {_q(actual)} does not match {_q(self.shown)}"
 
     def describe(self) -> str:
-        return f"{self.tag} matches {self.shown!r}"
+        return f"{self.tag} matches {_q(self.shown)}"
 
 
 @dataclass(frozen=True)
@@ -264,7 +269,7 @@ class _OneOf:
             return f"{self.tag} is absent (wanted one of {listed})"
         if any(_same(actual, v, self.ignore_case) for v in self.values):
             return None
-        return f"{self.tag} {_text(actual)!r} is not one of {listed}"
+        return f"{self.tag} {_q(actual)} is not one of {listed}"
 
     def describe(self) -> str:
         return f"{self.tag} is one of {', '.join(_fmt(v) for v in self.values)}"
@@ -288,7 +293,7 @@ class _Range:
             return f"{self.tag} is absent (wanted a number in {_bounds(self.low, self.high)})"
         number = _number(actual)
         if number is None:
-            return f"{self.tag} {_text(actual)!r} is not a number"
+            return f"{self.tag} {_q(actual)} is not a number"
         if (self.low is not None and number < self.low) or (
             self.high is not None and number > self.high
         ):
@@ -309,7 +314,7 @@ class _Present:
         if self.present and actual is None:
             return f"{self.tag} is absent"
         if not self.present and actual is not None:
-            return f"{self.tag} is present ({_text(actual)!r})"
+            return f"{self.tag} is present ({_q(actual)})"
         return None
 
     def describe(self) -> str:
@@ -329,7 +334,7 @@ class _Contains:
         values = list(actual) if isinstance(actual, MultiValue | list | tuple) else [actual]
         if any(_same(v, self.value, self.ignore_case) for v in values):
             return None
-        return f"{self.tag} {_text(actual)!r} does not contain {_fmt(self.value)}"
+        return f"{self.tag} {_q(actual)} does not contain {_fmt(self.value)}"
 
     def describe(self) -> str:
         return f"{self.tag} contains {_fmt(self.value)}"

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
 
@@ -30,7 +30,17 @@ from aenode.records import Job, SeriesInfo
 from aenode.select.rules import Rule, match_series
 from aenode.store import Store
 
-__all__ = ["SERIES_ROLE", "StudyTracker", "job_from_row", "series_from_json", "series_to_json"]
+if TYPE_CHECKING:
+    from aenode.infer.cards import ModelCard
+
+__all__ = [
+    "SERIES_ROLE",
+    "StudyTracker",
+    "job_from_row",
+    "role_requirements",
+    "series_from_json",
+    "series_to_json",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +87,21 @@ def series_from_json(data: Mapping[str, Any]) -> SeriesInfo:
 
 def _inputs_json(inputs: Mapping[str, SeriesInfo]) -> str:
     return json.dumps({role: series_to_json(s) for role, s in sorted(inputs.items())})
+
+
+def role_requirements(cards: Mapping[str, ModelCard]) -> dict[str, dict[str, bool]]:
+    """Model name -> role -> required, from the cards' ``inputs.roles``.
+
+    Parameters
+    ----------
+    cards : mapping of str to ModelCard
+        The loaded model cards by model name.
+
+    Returns
+    -------
+    dict of str to dict of str to bool
+    """
+    return {name: {r.name: r.required for r in card.inputs.roles} for name, card in cards.items()}
 
 
 def job_from_row(row: sqlite3.Row | Mapping[str, Any]) -> Job:

@@ -1,0 +1,196 @@
+"""``aenode select PATH... [--json]``: dry-run the selection rules on files, no networking.
+
+Each series found is printed with the rule (and role) and models it matched, or, for each
+rule, the first condition that failed::
+
+    series ...153146185462  MR  'HippoCrop'  32 instances
+      -> rule hippocampus: model hippocampus
+    series ...6417231052.1  MR  'T1post'  22 instances
+      rule hippocampus: SeriesDescription 'T1post' does not match '^HippoCrop$'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+
+from aenode.config import Settings
+from aenode.select.rules import Rule, compile_rules, evaluate
+
+__all__ = ["SeriesReport", "command_select", "explain", "scan", "short_uid"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeriesReport:
+    """One series found on disk and what the rules made of it."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    description: str
+    instances: int
+    first_file: Path
+    header: Dataset = field(repr=False)
+    matches: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready content (without the header)."""
+        return {
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "modality": self.modality,
+            "description": self.description,
+            "instances": self.instances,
+            "first_file": str(self.first_file),
+            "matches": self.matches,
+            "failures": self.failures,
+        }
+
+
+def short_uid(uid: str, keep: int = 12) -> str:
+    """The last ``keep`` characters of a UID, marked as shortened (``...153146185462``)."""
+    return uid if len(uid) <= keep + 3 else "..." + uid[-keep:]
+
+
+def _files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+def scan(paths: Sequence[Path]) -> tuple[list[SeriesReport], list[str]]:
+    """Group the DICOM files under ``paths`` by series, reading headers only.
+
+    Parameters
+    ----------
+    paths : sequence of pathlib.Path
+        Files or folders (searched recursively).
+
+    Returns
+    -------
+    tuple of (list of SeriesReport, list of str)
+        Series in the order of their first file, and one line per file skipped (not DICOM,
+        no SeriesInstanceUID, unreadable) naming it.
+    """
+    found: dict[str, SeriesReport] = {}
+    skipped: list[str] = []
+    for path in _files(paths):
+        if not path.exists():
+            skipped.append(f"{path}: no such file or folder")
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError) as exc:
+            skipped.append(f"{path}: not DICOM ({exc})")
+            continue
+        uid = ds.get("SeriesInstanceUID")
+        if not uid:
+            skipped.append(f"{path}: SeriesInstanceUID missing")
+            continue
+        report = found.get(str(uid))
+        if report is None:
+            found[str(uid)] = SeriesReport(
+                study_uid=str(ds.get("StudyInstanceUID", "")),
+                series_uid=str(uid),
+                modality=str(ds.get("Modality", "")),
+                description=str(ds.get("SeriesDescription", "")),
+                instances=1,
+                first_file=path,
+                header=ds,
+            )
+        else:
+            report.instances += 1
+    return list(found.values()), skipped
+
+
+def explain(reports: Sequence[SeriesReport], rules: Sequence[Rule]) -> None:
+    """Fill each report's ``matches`` and ``failures`` from the rules.
+
+    Parameters
+    ----------
+    reports : sequence of SeriesReport
+        From :func:`scan`.
+    rules : sequence of Rule
+        Compiled rules.
+    """
+    for report in reports:
+        for rule in rules:
+            decision = evaluate(rule, report.header, report.instances)
+            if decision.matched:
+                report.matches.append(
+                    {"rule": rule.name, "role": decision.role, "models": list(rule.models)}
+                )
+            else:
+                report.failures.append({"rule": rule.name, "reason": decision.reason})
+
+
+def _text(reports: Sequence[SeriesReport], skipped: Sequence[str], n_rules: int) -> str:
+    lines = []
+    for r in reports:
+        lines.append(
+            f"series {short_uid(r.series_uid)}  {r.modality or '-'}  {r.description!r}  "
+            f"{r.instances} instance{'s' if r.instances != 1 else ''}"
+        )
+        for m in r.matches:
+            role = f" role {m['role']}" if m["role"] else ""
+            models = ", ".join(m["models"])
+            plural = "s" if len(m["models"]) > 1 else ""
+            lines.append(f"  -> rule {m['rule']}{role}: model{plural} {models}")
+        for f in r.failures:
+            lines.append(f"  rule {f['rule']}: {f['reason']}")
+    matched = sum(1 for r in reports if r.matches)
+    lines.append(
+        f"{len(reports)} series, {matched} matched, {n_rules} rule{'s' if n_rules != 1 else ''}"
+        + (f", {len(skipped)} file(s) skipped" if skipped else "")
+    )
+    return "\n".join(lines)
+
+
+def command_select(args: argparse.Namespace, settings: Settings) -> int:
+    """The ``aenode select`` sub-command.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        ``paths`` (files or folders) and ``json`` (print JSON instead of text).
+    settings : Settings
+        ``selection.rules`` are compiled without checking model names.
+
+    Returns
+    -------
+    int
+        0 when DICOM series were found, 1 when none were.
+
+    Raises
+    ------
+    ConfigError
+        If a rule is invalid (the CLI prints it and exits with 2).
+    """
+    rules = compile_rules(settings.selection.rules)
+    reports, skipped = scan([Path(p) for p in args.paths])
+    explain(reports, rules)
+    if args.json:
+        print(json.dumps({"series": [r.as_dict() for r in reports], "skipped": skipped}, indent=2))
+    else:
+        print(_text(reports, skipped, len(rules)))
+        for line in skipped:
+            print(f"skipped {line}", file=sys.stderr)
+    if not reports:
+        print("aenode select: no DICOM series found", file=sys.stderr)
+        return 1
+    return 0

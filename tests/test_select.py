@@ -1,0 +1,349 @@
+"""Selection rules: validation with key paths, every condition kind, the `aenode select` tester."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from aenode.cli import main
+from aenode.config import ConfigError, load_settings
+from aenode.select.rules import Rule, compile_rules, evaluate, match_series, slice_orientation
+from aenode.select.spec import RuleSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rules(*rules: dict[str, Any], known: list[str] | None = None) -> list[Rule]:
+    return compile_rules([RuleSpec.model_validate(r) for r in rules], known)
+
+
+def _one(condition: dict[str, Any]) -> Rule:
+    return _rules({"name": "r", "models": ["m"], "series": condition})[0]
+
+
+@pytest.fixture(scope="module")
+def hippo(data_dir: Path) -> Dataset:
+    return pydicom.dcmread(
+        data_dir / "udacity-mr/Study1/13_HCropVolume/1.dcm", stop_before_pixels=True
+    )
+
+
+@pytest.fixture(scope="module")
+def t1post(data_dir: Path) -> Dataset:
+    return pydicom.dcmread(
+        data_dir / "udacity-mr/Study1/12-T1post-05670/000000.dcm", stop_before_pixels=True
+    )
+
+
+@pytest.fixture(scope="module")
+def ct(data_dir: Path) -> Dataset:
+    return pydicom.dcmread(data_dir / "cq500-ct0/CT000001.dcm", stop_before_pixels=True)
+
+
+# -- validation -------------------------------------------------------------------------
+
+
+def test_bad_regex_names_key_path() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^selection\.rules\[0\]\.series\.all\[1\]\.regex: bad regular expression "
+        r"'Hippo\(Crop': missing \)",
+    ):
+        _one(
+            {
+                "all": [
+                    {"tag": "Modality", "equals": "MR"},
+                    {"tag": "SeriesDescription", "regex": "Hippo(Crop"},
+                ]
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("condition", "message"),
+    [
+        (
+            {"tag": "SeriesDescriptoin", "equals": "x"},
+            r"series\.tag: unknown DICOM keyword "
+            r"'SeriesDescriptoin'",
+        ),  # fmt: skip
+        ({"tag": "Modality"}, r"series: empty condition"),
+        (
+            {"tag": "Modality", "equals": "MR", "regex": "M."},
+            r"series: one condition per "
+            r"mapping, found equals and regex",
+        ),  # fmt: skip
+        ({"equals": "MR"}, r"series\.tag: equals needs a 'tag'"),
+        ({"all": []}, r"series\.all: empty list"),
+        ({"any": [{"not": {}}]}, r"series\.any\[0\]\.not: empty condition"),
+        ({"instances": {"min": 5, "max": 2}}, r"series\.instances: min 5 is greater than max 2"),
+        ({"instances": {}}, r"series\.instances: give min, max or both"),
+        ({"tag": "SliceThickness", "min": 3, "max": 1}, r"series\.min: min 3 is greater"),
+        (
+            {"sop_class": ["CT Image Storage", "Foo Storage"]},
+            r"series\.sop_class\[1\]: "
+            r"unknown SOP class 'Foo Storage'",
+        ),  # fmt: skip
+        (
+            {"orientation": "axial", "tag": "Modality"},
+            r"series\.tag: 'tag' does not go with "
+            r"orientation",
+        ),  # fmt: skip
+    ],
+)
+def test_invalid_conditions_name_key_path(condition: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=r"selection\.rules\[0\]\." + message):
+        _one(condition)
+
+
+def test_rule_level_errors_all_reported() -> None:
+    specs = [
+        {"name": "a", "models": ["hippocampus"], "series": {"tag": "Modality", "equals": "MR"}},
+        {"name": "a", "models": ["nope"], "series": {"tag": "Modality", "equals": "MR"}},
+        {"name": "b", "models": ["hippocampus"]},
+        {"name": "c", "models": ["hippocampus"], "roles": {}},
+        {"name": "d", "models": ["hippocampus"], "roles": {"dwi": {}}},
+    ]
+    with pytest.raises(ConfigError) as info:
+        _rules(*specs, known=["hippocampus"])
+    lines = str(info.value).splitlines()
+    assert lines == [
+        "selection.rules[1].name: duplicate rule name 'a'",
+        "selection.rules[1].models[0]: unknown model 'nope' (known: hippocampus)",
+        "selection.rules[2]: give either 'series' (one condition tree) or 'roles'",
+        "selection.rules[3].roles: no roles given",
+        "selection.rules[4].roles.dwi: empty condition (give all, any, not, tag with an "
+        "operator, orientation, instances, slices or sop_class)",
+    ]
+
+
+def test_invalid_rule_stops_settings_load(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "selection:\n  rules:\n    - name: x\n      models: [m]\n      series:\n"
+        "        all:\n          - {tag: Modality, equals: MR}\n"
+        "          - {tag: SeriesDescription, regex: 'a(b'}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"selection: rules\[0\]\.series\.all\[1\]\.regex: bad regular"
+    ):
+        load_settings(cfg, environ={})
+    cfg.write_text("selection:\n  rules:\n    - name: x\n      models: [m]\n      serie: {}\n")
+    with pytest.raises(ConfigError, match=r"selection\.rules\.0\.serie: unknown key"):
+        load_settings(cfg, environ={})
+
+
+def test_default_config_rule() -> None:
+    settings = load_settings(ROOT / "config.yaml", environ={})
+    rules = compile_rules(settings.selection.rules, known_models=["hippocampus"])
+    assert [(r.name, r.models, r.is_study) for r in rules] == [
+        ("hippocampus", ("hippocampus",), False)
+    ]
+
+
+# -- evaluation --------------------------------------------------------------------------
+
+
+def test_first_failing_condition_is_the_reason(hippo: Dataset, t1post: Dataset) -> None:
+    settings = load_settings(ROOT / "config.yaml", environ={})
+    rule = compile_rules(settings.selection.rules)[0]
+    assert evaluate(rule, hippo, 32).matched
+    assert evaluate(rule, t1post, 22).reason == (
+        "SeriesDescription 'T1post' does not match '^HippoCrop$'"
+    )
+    assert evaluate(rule, hippo, 5).reason == "5 instances, fewer than 10"
+    assert evaluate(rule, hippo, 401).reason == "401 instances, more than 400"
+
+
+@pytest.mark.parametrize(
+    ("condition", "reason"),
+    [
+        ({"tag": "Modality", "equals": "MR"}, None),
+        ({"tag": "Modality", "equals": "mr"}, "Modality 'MR' is not 'mr'"),
+        ({"tag": "Modality", "equals": "mr", "ignore_case": True}, None),
+        ({"tag": "SeriesDescription", "regex": "hippo.*", "ignore_case": True}, None),
+        (
+            {"tag": "SeriesDescription", "regex": "Hippo"},
+            "SeriesDescription 'HippoCrop' does not match '^Hippo$'",
+        ),  # fmt: skip
+        ({"tag": "Modality", "one_of": ["CT", "MR"]}, None),
+        ({"tag": "Modality", "one_of": ["CT", "PT"]}, "Modality 'MR' is not one of 'CT', 'PT'"),
+        ({"tag": "SliceThickness", "min": 0.5, "max": 1.5}, None),
+        ({"tag": "SliceThickness", "min": 2}, "SliceThickness 1 is not in [2, inf]"),
+        ({"tag": "Rows", "equals": 51}, None),
+        ({"tag": "ImagesInAcquisition", "present": True}, None),
+        ({"tag": "ContrastBolusAgent", "present": True}, "ContrastBolusAgent is absent"),
+        (
+            {"tag": "ImagesInAcquisition", "present": False},
+            "ImagesInAcquisition is present ('32')",
+        ),  # fmt: skip
+        ({"tag": "ImageType", "contains": "DERIVED"}, None),
+        (
+            {"tag": "ImageType", "contains": "ORIGINAL"},
+            "ImageType 'DERIVED\\SECONDARY\\AXIAL' does not contain 'ORIGINAL'",
+        ),  # fmt: skip
+        ({"orientation": "axial"}, None),
+        ({"orientation": "sagittal"}, "orientation is axial, not sagittal"),
+        ({"sop_class": "MR Image Storage"}, None),
+        (
+            {"sop_class": ["CTImageStorage", "1.2.840.10008.5.1.4.1.1.7"]},
+            "SOPClassUID MR Image Storage is not CT Image Storage, Secondary Capture Image Storage",
+        ),  # fmt: skip
+        ({"slices": {"min": 32, "max": 32}}, None),
+        (
+            {"not": {"tag": "ImageType", "contains": "DERIVED"}},
+            "excluded: ImageType contains 'DERIVED'",
+        ),  # fmt: skip
+        (
+            {"any": [{"tag": "Modality", "equals": "CT"}, {"tag": "Rows", "max": 10}]},
+            "none of the alternatives holds: Modality 'MR' is not 'CT'; Rows 51 is not in "
+            "[-inf, 10]",
+        ),  # fmt: skip
+        (
+            {"tag": "PatientWeight", "min": 10},
+            "PatientWeight is absent (wanted a number in [10, inf])",
+        ),  # fmt: skip
+    ],
+)
+def test_condition_kinds_on_hippocrop(
+    hippo: Dataset, condition: dict[str, Any], reason: str | None
+) -> None:
+    decision = evaluate(_one(condition), hippo, 32)
+    assert decision.matched == (reason is None)
+    assert decision.reason == (reason or "")
+
+
+def test_orientation_of_real_series(hippo: Dataset, t1post: Dataset, ct: Dataset) -> None:
+    assert slice_orientation(hippo) == "axial"
+    assert slice_orientation(t1post) == "axial"  # 15 degrees off axial: still axial
+    assert slice_orientation(ct) == "axial"
+    ds = Dataset()
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    assert slice_orientation(ds) == "sagittal"
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    assert slice_orientation(ds) == "coronal"
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0.7071, -0.7071]
+    assert slice_orientation(ds) == "oblique"
+
+
+def test_ct_hounsfield_series_rule(ct: Dataset) -> None:
+    rule = _one(
+        {
+            "all": [
+                {"sop_class": "CT Image Storage"},
+                {"tag": "SliceThickness", "max": 1.0},
+                {"tag": "ImageType", "contains": "axial", "ignore_case": True},
+                {"tag": "ConvolutionKernel", "one_of": ["STANDARD", "SOFT"]},
+            ]
+        }
+    )
+    assert evaluate(rule, ct, 238).matched
+
+
+def test_every_matching_rule_and_role_returned(hippo: Dataset) -> None:
+    rules = _rules(
+        {"name": "a", "models": ["m1", "m2"], "series": {"tag": "Modality", "equals": "MR"}},
+        {"name": "b", "models": ["m3"], "series": {"tag": "Modality", "equals": "CT"}},
+        {
+            "name": "c",
+            "models": ["m4"],
+            "roles": {
+                "t1": {"tag": "SeriesDescription", "regex": "Hippo.*"},
+                "flair": {"tag": "SeriesDescription", "regex": "FLAIR.*"},
+                "any_mr": {"tag": "Modality", "equals": "MR"},
+            },
+        },
+    )
+    matched = [(rule.name, role) for rule, role in match_series(rules, hippo, 32)]
+    assert matched == [("a", None), ("c", "t1"), ("c", "any_mr")]
+    decision = evaluate(rules[2], hippo, 32)
+    assert decision.matched and decision.role == "t1"
+    flair_only = Rule("f", ("m",), roles={"flair": rules[2].roles["flair"]})
+    assert evaluate(flair_only, hippo, 32).reason == (
+        "role flair: SeriesDescription 'HippoCrop' does not match '^FLAIR.*$'"
+    )
+
+
+# -- the tester --------------------------------------------------------------------------
+
+EXPECTED_UDACITY = """\
+series ...886578505670  MR  'T1post'  22 instances
+  rule hippocampus: SeriesDescription 'T1post' does not match '^HippoCrop$'
+series ...153146185462  MR  'HippoCrop'  32 instances
+  -> rule hippocampus: model hippocampus
+series ...984496684610  MR  'T1pre_reg'  22 instances
+  rule hippocampus: SeriesDescription 'T1pre_reg' does not match '^HippoCrop$'
+series ...589141676244  MR  'FLAIR_reg'  22 instances
+  rule hippocampus: SeriesDescription 'FLAIR_reg' does not match '^HippoCrop$'
+series ...349611688910  MR  'T2_reg'  22 instances
+  rule hippocampus: SeriesDescription 'T2_reg' does not match '^HippoCrop$'
+series ...989986622014  MR  'T1post'  24 instances
+  rule hippocampus: SeriesDescription 'T1post' does not match '^HippoCrop$'
+series ...619024551805  MR  'HippoCrop'  35 instances
+  -> rule hippocampus: model hippocampus
+series ...268827049467  MR  'dT1'  24 instances
+  rule hippocampus: SeriesDescription 'dT1' does not match '^HippoCrop$'
+series ...579028662665  MR  'FLAIR_reg'  24 instances
+  rule hippocampus: SeriesDescription 'FLAIR_reg' does not match '^HippoCrop$'
+series ...964504488079  MR  'T2_reg'  24 instances
+  rule hippocampus: SeriesDescription 'T2_reg' does not match '^HippoCrop$'
+10 series, 2 matched, 1 rule"""
+
+
+def test_tester_output_on_udacity(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--config", str(ROOT / "config.yaml"), "select", str(data_dir / "udacity-mr")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.rstrip("\n").splitlines() == EXPECTED_UDACITY.splitlines()
+
+
+def test_tester_json(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "--config",
+            str(ROOT / "config.yaml"),
+            "select",
+            str(data_dir / "udacity-mr" / "Study2"),
+            str(data_dir / "dcm-qa-ts" / "1.dcm"),
+            "--json",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    by_desc = {s["description"]: s for s in result["series"]}
+    assert len(result["series"]) == 6
+    assert by_desc["HippoCrop"]["instances"] == 35
+    assert by_desc["HippoCrop"]["matches"] == [
+        {"rule": "hippocampus", "role": None, "models": ["hippocampus"]}
+    ]
+    assert by_desc["HippoCrop"]["series_uid"].endswith("619024551805")
+    others = [s for s in result["series"] if s["description"] != "HippoCrop"]
+    assert all(not s["matches"] for s in others)
+    assert [s["failures"][0]["reason"] for s in others if s["modality"] == "MR"][:2] == [
+        "SeriesDescription 'T1post' does not match '^HippoCrop$'",
+        "SeriesDescription 'dT1' does not match '^HippoCrop$'",
+    ]
+
+
+def test_tester_with_bad_rule_exits_2(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "selection:\n  rules:\n    - {name: x, models: [m], series: {tag: Foo, equals: 1}}\n"
+    )
+    assert main(["--config", str(cfg), "select", str(data_dir / "dcm-qa-ts")]) == 2
+    assert "rules[0].series.tag: unknown DICOM keyword 'Foo'" in capsys.readouterr().err
+
+
+def test_tester_no_dicom(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["--config", str(ROOT / "config.yaml"), "select", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "0 series, 0 matched, 1 rule, 1 file(s) skipped" in captured.out
+    assert "notes.txt: not DICOM" in captured.err

@@ -1,7 +1,8 @@
 """The embedded store: one SQLite database (WAL) holding all state that must survive a restart.
 
 Tables: ``instances`` (the spool ledger), ``series`` (assembly and completion, one row per
-revision), ``associations`` (when each delivering association was released), ``queue`` (a
+revision), ``series_assocs`` (which associations delivered to a series revision),
+``associations`` (when each delivering association was released), ``queue`` (a
 durable work queue between stages), ``jobs`` (one per model run) and ``outbox`` (result
 delivery with retries). Each thread or process opens its own :class:`Store`.
 """
@@ -61,6 +62,12 @@ CREATE TABLE IF NOT EXISTS series (
 );
 CREATE INDEX IF NOT EXISTS series_state ON series (state);
 CREATE INDEX IF NOT EXISTS series_study ON series (study_uid);
+CREATE TABLE IF NOT EXISTS series_assocs (
+    series_uid TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    assoc_id TEXT NOT NULL,
+    PRIMARY KEY (series_uid, revision, assoc_id)
+);
 CREATE TABLE IF NOT EXISTS associations (
     assoc_id TEXT PRIMARY KEY,
     calling_ae TEXT,
@@ -144,9 +151,13 @@ class Store:
         The database file (``<storage.path>/aenode.db``); its folder is created.
     timeout : float
         Seconds to wait for a lock held by another connection or process.
+    durable : bool
+        ``synchronous=FULL``: each commit is on disk before it returns (the receivers use
+        it so that an acknowledged instance survives a power loss); otherwise ``NORMAL``
+        (survives a crash of the process).
     """
 
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, timeout: float = 30.0, durable: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -158,7 +169,7 @@ class Store:
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         self._migrate()
 

@@ -1,0 +1,548 @@
+"""Series assembly: which instances form a series, and when a series is complete.
+
+A series is complete at the first of:
+
+``count``
+    the number of instances the data announces has arrived (:func:`expected_count`),
+    decided by the receiving process in the transaction that stores the last instance;
+``release``
+    every association that delivered to it has been released (or aborted) and nothing
+    more arrived for ``series.release_grace_seconds``;
+``quiet``
+    nothing arrived for ``series.quiet_seconds`` (a PACS sending each instance in its own
+    association, or a sender that died);
+``max_wait``
+    ``series.max_wait_seconds`` passed since its first instance.
+
+Completion marks the ``series`` row complete and puts ``series.complete`` on the durable
+queue in the same transaction, so a completed series is handed on exactly once. An
+instance arriving after completion opens revision ``n + 1`` holding all instances so far
+(``series.late_instances: revise``), or is stored without re-opening (``ignore``).
+The :class:`Assembler` applies the time-based conditions, polling the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydicom import Dataset
+
+from aenode.config import SeriesSettings, Settings
+from aenode.records import SeriesInfo
+from aenode.store import Store
+
+if TYPE_CHECKING:
+    from aenode.receive.header import InstanceHeader
+
+__all__ = [
+    "SERIES_TOPIC",
+    "Admission",
+    "Assembler",
+    "admit",
+    "close_stale_associations",
+    "complete_series",
+    "expected_count",
+    "series_info_from_payload",
+    "touch",
+]
+
+log = logging.getLogger(__name__)
+
+SERIES_TOPIC = "series.complete"
+
+# Multi-frame objects that hold a whole series in one instance.
+_WHOLE_SERIES_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET
+        "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET
+        "1.2.840.10008.5.1.4.1.1.20",  # NM
+        "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis
+        "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    }
+)
+
+
+def _positive_int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        number = int(value) if value not in (None, "") else 0
+    except (TypeError, ValueError):
+        return None
+    except Exception:  # a malformed optional element says nothing
+        return None
+    return number if number > 0 else None
+
+
+def expected_count(ds: Dataset) -> int | None:
+    """How many instances the series of ``ds`` will have, when its header says so.
+
+    Read from elements only (no pixel data): a whole-series multi-frame object
+    (Enhanced CT/MR/PET, NM, SEG, ... with ``NumberOfFrames``) gives 1;
+    ``ImagesInAcquisition`` (0020,1002) gives its value; ``NumberOfSlices`` (0054,0081)
+    times ``NumberOfTimeSlices`` (0054,0101) when present. ``NumberOfTemporalPositions``
+    alone does not say how many instances there are and is not used.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        The header of one instance.
+
+    Returns
+    -------
+    int or None
+        The expected instance count, or None when the data does not say.
+    """
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class in _WHOLE_SERIES_CLASSES and _positive_int(ds, "NumberOfFrames"):
+        return 1
+    images = _positive_int(ds, "ImagesInAcquisition")
+    if images is not None:
+        return images
+    slices = _positive_int(ds, "NumberOfSlices")
+    if slices is not None:
+        return slices * (_positive_int(ds, "NumberOfTimeSlices") or 1)
+    return None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Where an admitted instance went.
+
+    Attributes
+    ----------
+    revision : int
+        The series revision the instance belongs to.
+    opened : bool
+        True if the instance opened a new series or revision.
+    completed : bool
+        True if it completed the series by count.
+    ignored_late : bool
+        True if it arrived after completion and ``late_instances`` is ``ignore``.
+    """
+
+    revision: int
+    opened: bool = False
+    completed: bool = False
+    ignored_late: bool = False
+
+
+def _latest(conn: sqlite3.Connection, series_uid: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT * FROM series WHERE series_uid=? ORDER BY revision DESC LIMIT 1", (series_uid,)
+    ).fetchone()
+    return row
+
+
+def admit(
+    conn: sqlite3.Connection,
+    store: Store,
+    header: InstanceHeader,
+    *,
+    path: str,
+    sha256: str,
+    size: int,
+    calling_ae: str | None,
+    assoc_id: str | None,
+    now: float,
+    settings: SeriesSettings,
+    root: Path,
+    replace: bool = False,
+) -> Admission:
+    """Record an instance and update its series, inside an open transaction.
+
+    Parameters
+    ----------
+    conn : sqlite3.Connection
+        The connection of an open :meth:`Store.transaction`.
+    store : Store
+        The store (for :meth:`Store.enqueue` on completion by count).
+    header : InstanceHeader
+        The instance's identifying elements.
+    path : str
+        The spool file, relative to ``root``.
+    sha256 : str
+        Hex digest of the encoded data set (without file meta).
+    size : int
+        Bytes of the data set.
+    calling_ae, assoc_id : str or None
+        Who delivered it and over which association (None for recovered files).
+    now : float
+        Arrival time, epoch seconds.
+    settings : SeriesSettings
+        ``late_instances`` decides what a late instance does.
+    root : pathlib.Path
+        ``storage.path``; payload file paths are made absolute against it.
+    replace : bool
+        True if the instance replaces an existing row with the same SOP Instance UID
+        (duplicate policy ``replace``): the series count does not grow.
+
+    Returns
+    -------
+    Admission
+    """
+    latest = _latest(conn, header.series_uid)
+    admission: Admission
+    if latest is None:
+        revision = 0
+        conn.execute(
+            "INSERT INTO series (series_uid, revision, study_uid, modality, description,"
+            " expected, instance_count, first_arrival, last_arrival, last_assoc_id, state)"
+            " VALUES (?, 0, ?, ?, ?, ?, 1, ?, ?, ?, 'receiving')",
+            (
+                header.series_uid,
+                header.study_uid,
+                header.modality,
+                header.description,
+                header.expected,
+                now,
+                now,
+                assoc_id,
+            ),
+        )
+        admission = Admission(revision=0, opened=True)
+    elif latest["state"] == "receiving":
+        revision = latest["revision"]
+        conn.execute(
+            "UPDATE series SET instance_count=instance_count+?, last_arrival=MAX(last_arrival, ?),"
+            " last_assoc_id=COALESCE(?, last_assoc_id), expected=COALESCE(expected, ?)"
+            " WHERE series_uid=? AND revision=?",
+            (0 if replace else 1, now, assoc_id, header.expected, header.series_uid, revision),
+        )
+        admission = Admission(revision=revision)
+    elif settings.late_instances == "ignore":
+        revision = latest["revision"] + 1
+        admission = Admission(revision=revision, ignored_late=True)
+    else:
+        revision = latest["revision"] + 1
+        (held,) = conn.execute(
+            "SELECT COUNT(*) FROM instances WHERE series_uid=?", (header.series_uid,)
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO series (series_uid, revision, study_uid, modality, description,"
+            " expected, instance_count, first_arrival, last_arrival, last_assoc_id, state)"
+            " VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, 'receiving')",
+            (
+                header.series_uid,
+                revision,
+                header.study_uid,
+                latest["modality"] or header.modality,
+                latest["description"] or header.description,
+                held + (0 if replace else 1),
+                now,
+                now,
+                assoc_id,
+            ),
+        )
+        admission = Admission(revision=revision, opened=True)
+
+    values = (
+        header.sop_class_uid,
+        header.study_uid,
+        header.series_uid,
+        revision,
+        path,
+        sha256,
+        size,
+        header.transfer_syntax,
+        calling_ae,
+        assoc_id,
+        now,
+        header.sop_instance_uid,
+    )
+    if replace:
+        conn.execute(
+            "UPDATE instances SET sop_class_uid=?, study_uid=?, series_uid=?, revision=?, path=?,"
+            " sha256=?, size=?, transfer_syntax=?, calling_ae=?, assoc_id=?, received_at=?"
+            " WHERE sop_instance_uid=?",
+            values,
+        )
+    else:
+        conn.execute(
+            "INSERT INTO instances (sop_class_uid, study_uid, series_uid, revision, path, sha256,"
+            " size, transfer_syntax, calling_ae, assoc_id, received_at, sop_instance_uid)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            values,
+        )
+    if admission.ignored_late:
+        return admission
+    if assoc_id is not None:
+        conn.execute(
+            "INSERT OR IGNORE INTO series_assocs (series_uid, revision, assoc_id) VALUES (?, ?, ?)",
+            (header.series_uid, revision, assoc_id),
+        )
+    row = conn.execute(
+        "SELECT expected, instance_count FROM series WHERE series_uid=? AND revision=?",
+        (header.series_uid, revision),
+    ).fetchone()
+    if row["expected"] is not None and row["instance_count"] >= row["expected"]:
+        done = complete_series(conn, store, header.series_uid, revision, "count", now, root)
+        return Admission(revision=revision, opened=admission.opened, completed=done)
+    return admission
+
+
+def touch(conn: sqlite3.Connection, series_uid: str, assoc_id: str | None, now: float) -> None:
+    """Note that a series still being received got a duplicate (delays release and quiet).
+
+    Parameters
+    ----------
+    conn : sqlite3.Connection
+        The connection of an open transaction.
+    series_uid : str
+        The series the duplicate belongs to.
+    assoc_id : str or None
+        The delivering association.
+    now : float
+        Epoch seconds.
+    """
+    latest = _latest(conn, series_uid)
+    if latest is None or latest["state"] != "receiving":
+        return
+    conn.execute(
+        "UPDATE series SET last_arrival=MAX(last_arrival, ?) WHERE series_uid=? AND revision=?",
+        (now, series_uid, latest["revision"]),
+    )
+    if assoc_id is not None:
+        conn.execute(
+            "INSERT OR IGNORE INTO series_assocs (series_uid, revision, assoc_id) VALUES (?, ?, ?)",
+            (series_uid, latest["revision"], assoc_id),
+        )
+
+
+def complete_series(
+    conn: sqlite3.Connection,
+    store: Store,
+    series_uid: str,
+    revision: int,
+    completed_by: str,
+    now: float,
+    root: Path,
+) -> bool:
+    """Mark a series revision complete and hand it on, inside an open transaction.
+
+    Parameters
+    ----------
+    conn : sqlite3.Connection
+        The connection of an open :meth:`Store.transaction`.
+    store : Store
+        Used for :meth:`Store.enqueue` on the same connection.
+    series_uid : str
+        Series Instance UID.
+    revision : int
+        The revision to complete.
+    completed_by : str
+        ``count``, ``release``, ``quiet`` or ``max_wait``.
+    now : float
+        Epoch seconds.
+    root : pathlib.Path
+        ``storage.path``; the payload lists absolute spool paths.
+
+    Returns
+    -------
+    bool
+        False if the revision was not in state ``receiving`` (already complete).
+    """
+    changed = conn.execute(
+        "UPDATE series SET state='complete', completed_at=?, completed_by=?"
+        " WHERE series_uid=? AND revision=? AND state='receiving'",
+        (now, completed_by, series_uid, revision),
+    ).rowcount
+    if changed != 1:
+        return False
+    row = conn.execute(
+        "SELECT * FROM series WHERE series_uid=? AND revision=?", (series_uid, revision)
+    ).fetchone()
+    base = Path(root).resolve()
+    files = sorted(
+        str(base / r["path"])
+        for r in conn.execute(
+            "SELECT path FROM instances WHERE series_uid=? AND revision<=?",
+            (series_uid, revision),
+        )
+    )
+    payload: dict[str, Any] = {
+        "study_uid": row["study_uid"],
+        "series_uid": series_uid,
+        "revision": revision,
+        "modality": row["modality"] or "",
+        "description": row["description"] or "",
+        "files": files,
+        "completed_by": completed_by,
+        "first_arrival": row["first_arrival"],
+        "last_arrival": row["last_arrival"],
+        "completed_at": now,
+    }
+    store.enqueue(SERIES_TOPIC, f"{series_uid}:{revision}", payload, conn=conn)
+    log.info(
+        "series complete by %s: %d instance(s), revision %d",
+        completed_by,
+        len(files),
+        revision,
+        extra={"study": row["study_uid"], "series": series_uid},
+    )
+    return True
+
+
+def series_info_from_payload(payload: dict[str, Any]) -> SeriesInfo:
+    """Rebuild the :class:`~aenode.records.SeriesInfo` of a ``series.complete`` queue item.
+
+    Parameters
+    ----------
+    payload : dict
+        The queue item's payload as written by :func:`complete_series`.
+
+    Returns
+    -------
+    SeriesInfo
+        With ``files`` the sorted absolute spool paths of all instances of that revision.
+
+    Raises
+    ------
+    ValueError
+        If a key is missing or has the wrong type; the message names the key.
+    """
+    for key in ("study_uid", "series_uid", "revision", "files"):
+        if key not in payload:
+            raise ValueError(f"series.complete payload: key {key!r} is missing")
+    files = payload["files"]
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ValueError("series.complete payload: key 'files' must be a list of paths")
+    return SeriesInfo(
+        study_uid=str(payload["study_uid"]),
+        series_uid=str(payload["series_uid"]),
+        revision=int(payload["revision"]),
+        modality=str(payload.get("modality", "")),
+        description=str(payload.get("description", "")),
+        files=tuple(Path(f) for f in sorted(files)),
+        completed_by=str(payload.get("completed_by", "")),
+        first_arrival=float(payload.get("first_arrival", 0.0)),
+        last_arrival=float(payload.get("last_arrival", 0.0)),
+        completed_at=float(payload.get("completed_at", 0.0)),
+    )
+
+
+_Fetch = Callable[[str, tuple[Any, ...]], list[sqlite3.Row]]
+
+
+def _due(fetch: _Fetch, row: sqlite3.Row, now: float, s: SeriesSettings) -> str | None:
+    """The condition that completed ``row`` first, if any is met at ``now``."""
+    candidates: list[tuple[float, str]] = []
+    if row["expected"] is not None and row["instance_count"] >= row["expected"]:
+        candidates.append((row["last_arrival"], "count"))
+    n, still_open, released = fetch(
+        "SELECT COUNT(*), SUM(a.released_at IS NULL), MAX(a.released_at)"
+        " FROM series_assocs sa LEFT JOIN associations a ON a.assoc_id = sa.assoc_id"
+        " WHERE sa.series_uid=? AND sa.revision=?",
+        (row["series_uid"], row["revision"]),
+    )[0]
+    if n and not still_open:
+        candidates.append((max(released, row["last_arrival"]) + s.release_grace_seconds, "release"))
+    candidates.append((row["last_arrival"] + s.quiet_seconds, "quiet"))
+    candidates.append((row["first_arrival"] + s.max_wait_seconds, "max_wait"))
+    due = [c for c in candidates if c[0] <= now]
+    return min(due)[1] if due else None
+
+
+def close_stale_associations(store: Store, now: float | None = None) -> int:
+    """At start-up, mark associations left open by a previous run as ended now.
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    now : float or None
+        Epoch seconds (default: the current time).
+
+    Returns
+    -------
+    int
+        How many associations were closed.
+    """
+    now = time.time() if now is None else now
+    with store.transaction() as conn:
+        closed = conn.execute(
+            "UPDATE associations SET released_at=? WHERE released_at IS NULL", (now,)
+        ).rowcount
+        closed += conn.execute(
+            "INSERT OR IGNORE INTO associations (assoc_id, started_at, released_at)"
+            " SELECT DISTINCT sa.assoc_id, ?, ? FROM series_assocs sa"
+            " JOIN series s ON s.series_uid = sa.series_uid AND s.revision = sa.revision"
+            " WHERE s.state = 'receiving'",
+            (now, now),
+        ).rowcount
+    return int(closed)
+
+
+class Assembler:
+    """Completes series by release, quiet and max-wait, polling the store.
+
+    Parameters
+    ----------
+    store : Store
+        The store (its own connection, owned by the caller).
+    settings : Settings
+        ``series`` and ``storage.path`` are used.
+    """
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.series = settings.series
+        self.root = Path(settings.storage.path)
+
+    def poll(self, now: float | None = None) -> list[tuple[str, int, str]]:
+        """Complete every series revision whose time has come.
+
+        Parameters
+        ----------
+        now : float or None
+            Epoch seconds (default: the current time).
+
+        Returns
+        -------
+        list of (series_uid, revision, completed_by)
+            The revisions completed by this call.
+        """
+        now = time.time() if now is None else now
+        done: list[tuple[str, int, str]] = []
+        rows = self.store.execute("SELECT * FROM series WHERE state='receiving'")
+        for row in rows:
+            if _due(self.store.execute, row, now, self.series) is None:
+                continue
+            with self.store.transaction() as conn:
+                fresh = conn.execute(
+                    "SELECT * FROM series WHERE series_uid=? AND revision=?",
+                    (row["series_uid"], row["revision"]),
+                ).fetchone()
+                if fresh is None or fresh["state"] != "receiving":
+                    continue
+                by = _due(
+                    lambda sql, args: conn.execute(sql, args).fetchall(), fresh, now, self.series
+                )
+                if by is not None and complete_series(
+                    conn, self.store, fresh["series_uid"], fresh["revision"], by, now, self.root
+                ):
+                    done.append((fresh["series_uid"], fresh["revision"], by))
+        return done
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll every ``series.poll_seconds`` until ``stop`` is set.
+
+        Parameters
+        ----------
+        stop : threading.Event
+            Set to end the loop.
+        """
+        while not stop.is_set():
+            self.poll()
+            stop.wait(self.series.poll_seconds)

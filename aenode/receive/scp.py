@@ -1,0 +1,346 @@
+"""The DIMSE listener: pynetdicom handlers bound to events, and one receiving process.
+
+Each receiving process runs one pynetdicom AE whose listening socket shares the port with
+the other receivers (``SO_REUSEPORT``; the kernel spreads associations over them), sets
+``TCP_NODELAY`` on every accepted connection and writes each C-STORE data set as received
+through the :class:`~aenode.receive.spool.Spool`. Handlers are plain functions; their
+dependencies come in the third element of the event-handler tuple.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any, cast
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.presentation import (
+    AllStoragePresentationContexts,
+    PresentationContext,
+    build_context,
+)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from aenode.config import PeerSettings, Settings
+from aenode.receive.header import InvalidInstance, header_from_dataset, parse_header
+from aenode.receive.spool import OutOfSpace, Spool
+from aenode.store import Store
+
+__all__ = [
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_PROCESSING_FAILURE",
+    "Receiver",
+    "ReceiverServer",
+    "build_ae",
+    "handle_echo",
+    "handle_ended",
+    "handle_requested",
+    "handle_store",
+    "peer_allowed",
+    "serve_receiver",
+]
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+class ReceiverServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with ``SO_REUSEPORT`` on the listener and
+    ``TCP_NODELAY`` on each accepted connection."""
+
+    def server_bind(self) -> None:
+        """Set ``SO_REUSEPORT`` so several receiving processes share the port, then bind."""
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection and turn Nagle's algorithm off on it."""
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+@dataclass
+class _AssocState:
+    assoc_id: str
+    calling_ae: str
+    peer_host: str
+    started_at: float
+    delivered: int = 0
+
+
+@dataclass
+class Receiver:
+    """What the handlers of one receiving process share.
+
+    Parameters
+    ----------
+    settings : Settings
+        The node's settings.
+    store : Store
+        This process's store connection.
+    spool : Spool
+        Durable writes.
+    """
+
+    settings: Settings
+    store: Store
+    spool: Spool
+    _assocs: dict[int, _AssocState] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def state(self, event: Event) -> _AssocState:
+        """The per-association state of ``event.assoc`` (created on first use)."""
+        key = id(event.assoc)
+        with self._lock:
+            found = self._assocs.get(key)
+            if found is None:
+                requestor = event.assoc.requestor
+                found = _AssocState(
+                    assoc_id=uuid.uuid4().hex[:16],
+                    calling_ae=str(requestor.ae_title).strip(),
+                    peer_host=str(requestor.address),
+                    started_at=time.time(),
+                )
+                self._assocs[key] = found
+            return found
+
+    def pop(self, event: Event) -> _AssocState | None:
+        """Forget the state of ``event.assoc``; None if it was already forgotten."""
+        with self._lock:
+            return self._assocs.pop(id(event.assoc), None)
+
+
+def peer_allowed(peers: list[PeerSettings] | None, calling_ae: str, host: str) -> tuple[bool, str]:
+    """Whether a calling AE from ``host`` may associate.
+
+    Parameters
+    ----------
+    peers : list of PeerSettings or None
+        ``node.allowed_peers``; None allows any peer.
+    calling_ae : str
+        The calling AE title of the request.
+    host : str
+        The peer's IP address.
+
+    Returns
+    -------
+    (bool, str)
+        The decision and, when refused, the reason.
+    """
+    if peers is None:
+        return True, ""
+    bound = [p for p in peers if p.ae_title == calling_ae]
+    if not bound:
+        return False, f"calling AE {calling_ae!r} is not in node.allowed_peers"
+    if any(p.host is None or p.host == host for p in bound):
+        return True, ""
+    return False, f"calling AE {calling_ae!r} is not allowed from host {host}"
+
+
+def handle_requested(event: Event, receiver: Receiver) -> None:
+    """EVT_REQUESTED: reject a calling AE (or its host) that ``node.allowed_peers`` lacks."""
+    rq = event.assoc.requestor
+    calling = str(rq.primitive.calling_ae_title).strip() if rq.primitive else ""
+    ok, reason = peer_allowed(receiver.settings.node.allowed_peers, calling, str(rq.address))
+    if not ok:
+        log.warning("association rejected: %s", reason, extra={"peer_ae": calling})
+        # permanent, service user, calling AE title not recognised
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        # As pynetdicom does after its own rejections: wait until the PDU is out.
+        event.assoc.kill()
+
+
+def handle_echo(event: Event) -> int:
+    """EVT_C_ECHO: success."""
+    return STATUS_SUCCESS
+
+
+def handle_store(event: Event, receiver: Receiver) -> int:
+    """EVT_C_STORE: spool the data set as received, record it, then answer.
+
+    Returns
+    -------
+    int
+        ``0x0000`` once the instance is on disk and in the store (or was already there);
+        ``0xA700`` below the disk floor; ``0xA900`` SOP class mismatch; ``0xC000`` missing
+        UIDs or unparsable data; ``0x0110`` if the disk or the store failed.
+    """
+    state = receiver.state(event)
+    ctx: dict[str, Any] = {"peer_ae": state.calling_ae, "assoc": state.assoc_id}
+    request = cast(C_STORE, event.request)
+    try:
+        stream = cast(BytesIO, request.DataSet).getvalue()
+        ts = str(event.context.transfer_syntax)
+        header = header_from_dataset(
+            parse_header(stream, ts), ts, context_sop_class=str(event.context.abstract_syntax)
+        )
+        ctx.update(
+            study=header.study_uid, series=header.series_uid, sop_uid=header.sop_instance_uid
+        )
+        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
+            raise InvalidInstance(
+                f"SOPInstanceUID {header.sop_instance_uid} differs from the C-STORE request's "
+                f"Affected SOP Instance UID {request.AffectedSOPInstanceUID}",
+                status=0xA900,
+            )
+        file_meta = event.file_meta
+        file_meta.SourceApplicationEntityTitle = state.calling_ae
+        meta = b"\x00" * 128 + b"DICM" + encode_file_meta(file_meta)
+        result = receiver.spool.put(
+            header, meta, stream, calling_ae=state.calling_ae, assoc_id=state.assoc_id
+        )
+    except InvalidInstance as exc:
+        ctx.setdefault("sop_uid", str(request.AffectedSOPInstanceUID))
+        log.error("C-STORE refused (0x%04X): %s", exc.status, exc, extra=ctx)
+        return exc.status
+    except OutOfSpace as exc:
+        log.error("C-STORE refused (0xA700): %s", exc, extra=ctx)
+        return STATUS_OUT_OF_RESOURCES
+    except (OSError, sqlite3.Error) as exc:
+        log.error("C-STORE failed (0x0110), nothing recorded: %s", exc, extra=ctx)
+        return STATUS_PROCESSING_FAILURE
+    state.delivered += 1
+    log.debug("stored (%s)", result.outcome.value, extra=ctx)
+    return STATUS_SUCCESS
+
+
+def handle_ended(event: Event, receiver: Receiver) -> None:
+    """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: record when a delivering association ended.
+
+    The assembler's ``release`` condition waits for every association that delivered to a
+    series to have ended.
+    """
+    state = receiver.pop(event)
+    if state is None or state.delivered == 0:
+        return
+    now = time.time()
+    receiver.store.execute(
+        "INSERT INTO associations (assoc_id, calling_ae, peer_host, started_at, released_at)"
+        " VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (assoc_id) DO UPDATE SET released_at=excluded.released_at",
+        (state.assoc_id, state.calling_ae, state.peer_host, state.started_at, now),
+    )
+    log.debug(
+        "association ended (%s) after %d instance(s)",
+        event.event.name,
+        state.delivered,
+        extra={"peer_ae": state.calling_ae, "assoc": state.assoc_id},
+    )
+
+
+def _contexts(accept_unknown: bool) -> list[PresentationContext]:
+    verification = build_context(Verification)
+    if accept_unknown:
+        # pynetdicom's unrestricted storage accepts any storage-like abstract syntax
+        # with the first transfer syntax the peer proposed (no transcoding).
+        return [verification]
+    contexts = [verification]
+    for cx in AllStoragePresentationContexts:
+        contexts.append(build_context(str(cx.abstract_syntax), list(AllTransferSyntaxes)))
+    return contexts
+
+
+def build_ae(settings: Settings, receivers: int) -> AE:
+    """The pynetdicom AE of one receiving process.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``node`` is used.
+    receivers : int
+        How many processes share the port; ``node.max_associations`` is split evenly
+        (``ceil(max / receivers)`` each).
+
+    Returns
+    -------
+    pynetdicom.AE
+    """
+    node = settings.node
+    # Process-wide in pynetdicom; each receiving process is ours alone.
+    _config.UNRESTRICTED_STORAGE_SERVICE = node.accept_unknown_storage
+    ae = AE(ae_title=node.ae_title)
+    ae.supported_contexts = _contexts(node.accept_unknown_storage)
+    ae.require_called_aet = node.check_called_ae
+    ae.maximum_associations = max(1, math.ceil(node.max_associations / max(1, receivers)))
+    ae.maximum_pdu_size = node.max_pdu_size
+    ae.acse_timeout = node.acse_timeout
+    ae.dimse_timeout = node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    return ae
+
+
+def serve_receiver(
+    settings: Settings,
+    stop: threading.Event,
+    receivers: int = 1,
+    ready: threading.Event | None = None,
+    drain_seconds: float = 10.0,
+) -> None:
+    """Run one receiving process's listener until ``stop`` is set.
+
+    Parameters
+    ----------
+    settings : Settings
+        The node's settings.
+    stop : threading.Event
+        Set (for example from a SIGTERM handler) to stop.
+    receivers : int
+        How many processes share the port.
+    ready : threading.Event or None
+        Set once the port is bound.
+    drain_seconds : float
+        On stop, how long running associations may finish before they are aborted.
+
+    Raises
+    ------
+    OSError
+        If the port cannot be bound; the message names the address.
+    """
+    root = Path(settings.storage.path)
+    store = Store(root / "aenode.db", durable=settings.storage.fsync)
+    receiver = Receiver(settings=settings, store=store, spool=Spool(settings, store))
+    ae = build_ae(settings, receivers)
+    handlers: list[EventHandlerType] = [
+        (evt.EVT_REQUESTED, handle_requested, [receiver]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [receiver]),
+        (evt.EVT_RELEASED, handle_ended, [receiver]),
+        (evt.EVT_ABORTED, handle_ended, [receiver]),
+        (evt.EVT_CONN_CLOSE, handle_ended, [receiver]),
+    ]
+    address = (settings.node.host, settings.node.port)
+    try:
+        server = ae.make_server(address, evt_handlers=handlers, server_class=ReceiverServer)
+    except OSError as exc:
+        store.close()
+        raise OSError(exc.errno, f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
+    ae._servers.append(server)  # so that server.shutdown() finds itself
+    thread = threading.Thread(target=server.serve_forever, name="aenode-receiver", daemon=True)
+    thread.start()
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    server.shutdown()
+    deadline = time.monotonic() + drain_seconds
+    while ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ae.shutdown()
+    store.close()

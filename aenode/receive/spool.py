@@ -1,0 +1,411 @@
+"""The durable spool: each accepted instance as a Part 10 file, recorded in the store.
+
+Write order for one instance: the file meta and the encoded data set are written to
+``<storage.path>/tmp``, fsynced, renamed into ``<storage.path>/spool/<study>/<series>/<sop>.dcm``
+(the directory fsynced) and recorded in the store, all before the C-STORE is answered.
+The rename and the insert happen in one store transaction, so two associations
+delivering the same SOP Instance UID are serialised. A crash between the rename and the
+commit leaves a spool file without a row: :func:`recover_spool` re-reads its header and
+records it at start-up, and removes unfinished temporary files (never acknowledged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from aenode.assemble import Admission, admit, touch
+from aenode.config import Settings
+from aenode.receive.header import InstanceHeader, InvalidInstance, read_file_header
+from aenode.store import Store
+
+__all__ = [
+    "Outcome",
+    "OutOfSpace",
+    "RecoveryReport",
+    "Spool",
+    "SpoolResult",
+    "recover_spool",
+]
+
+log = logging.getLogger(__name__)
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_SAFE_UID = re.compile(r"^[0-9A-Za-z_\-][0-9A-Za-z._\-]{0,63}$")
+
+
+class OutOfSpace(RuntimeError):
+    """Free disk below ``storage.min_free_mb`` (or the disk is full); nothing was written."""
+
+
+class Outcome(StrEnum):
+    """What happened to a received instance."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    KEPT_FIRST = "kept_first"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class SpoolResult:
+    """The outcome of :meth:`Spool.put`.
+
+    Attributes
+    ----------
+    outcome : Outcome
+        Stored, identical duplicate, different duplicate kept or replaced.
+    path : pathlib.Path
+        The spool file holding the instance.
+    admission : Admission or None
+        Series revision and completion, when a row was written.
+    """
+
+    outcome: Outcome
+    path: Path
+    admission: Admission | None = None
+
+
+def spool_relpath(header: InstanceHeader) -> str:
+    """The spool path of an instance relative to ``storage.path``.
+
+    Raises
+    ------
+    InvalidInstance
+        If a UID holds characters that cannot be part of a file name (names the tag).
+    """
+    for keyword, uid in (
+        ("StudyInstanceUID", header.study_uid),
+        ("SeriesInstanceUID", header.series_uid),
+        ("SOPInstanceUID", header.sop_instance_uid),
+    ):
+        if not _SAFE_UID.match(uid):
+            raise InvalidInstance(f"{keyword} {uid!r} is not a valid UID")
+    return f"spool/{header.study_uid}/{header.series_uid}/{header.sop_instance_uid}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class Spool:
+    """Durable Part 10 writes with duplicate handling; one per receiving process.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``storage`` (path, fsync, min_free_mb, duplicate_policy) and ``series`` are used.
+    store : Store
+        The process's store connection.
+    """
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.root = Path(settings.storage.path)
+        self.tmp = self.root / "tmp"
+        self.spool = self.root / "spool"
+        for folder in (self.tmp, self.spool):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._fsync = settings.storage.fsync
+        self._min_free = settings.storage.min_free_mb * 1024 * 1024
+        self._dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+
+    def check_space(self, size: int) -> None:
+        """Raise :class:`OutOfSpace` if writing ``size`` bytes would go below the floor."""
+        st = os.statvfs(self.tmp)
+        free = st.f_bavail * st.f_frsize
+        if free - size < self._min_free:
+            raise OutOfSpace(
+                f"{self.root}: {free // (1024 * 1024)} MB free, storage.min_free_mb is "
+                f"{self.settings.storage.min_free_mb}"
+            )
+
+    def _ensure_dir(self, folder: Path) -> None:
+        with self._dirs_lock:
+            if folder in self._dirs:
+                return
+            missing = []
+            probe = folder
+            while not probe.exists():
+                missing.append(probe)
+                probe = probe.parent
+            folder.mkdir(parents=True, exist_ok=True)
+            if self._fsync:
+                for created in missing:
+                    _fsync_dir(created.parent)
+            self._dirs.add(folder)
+
+    def _write_temp(self, meta: bytes, stream: bytes) -> Path:
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, meta)
+            _write_all(fd, stream)
+            if self._fsync:
+                os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    def put(
+        self,
+        header: InstanceHeader,
+        meta: bytes,
+        stream: bytes,
+        *,
+        calling_ae: str | None,
+        assoc_id: str | None,
+    ) -> SpoolResult:
+        """Store one instance durably and record it; returns once both are on disk.
+
+        Parameters
+        ----------
+        header : InstanceHeader
+            The instance's identifying elements.
+        meta : bytes
+            Preamble, ``DICM`` and the encoded file meta group.
+        stream : bytes
+            The data set exactly as received (no transcoding).
+        calling_ae, assoc_id : str or None
+            The delivering peer and association.
+
+        Returns
+        -------
+        SpoolResult
+
+        Raises
+        ------
+        OutOfSpace
+            Below ``storage.min_free_mb`` or out of disk; no file is left behind.
+        InvalidInstance
+            If a UID cannot form a file name.
+        OSError, sqlite3.Error
+            If the disk or the store fails; no row is written.
+        """
+        rel = spool_relpath(header)
+        final = self.root / rel
+        sha = hashlib.sha256(stream).hexdigest()
+        policy = self.settings.storage.duplicate_policy
+        ctx = {
+            "study": header.study_uid,
+            "series": header.series_uid,
+            "sop_uid": header.sop_instance_uid,
+            "peer_ae": calling_ae,
+        }
+        # Cheap pre-check: an identical re-send needs no write at all.
+        known = self.store.execute(
+            "SELECT sha256, path FROM instances WHERE sop_instance_uid=?",
+            (header.sop_instance_uid,),
+        )
+        if known and (known[0]["sha256"] == sha or policy == "keep_first"):
+            return self._duplicate(header, sha, known[0]["sha256"], known[0]["path"], assoc_id, ctx)
+
+        self.check_space(len(meta) + len(stream))
+        try:
+            tmp = self._write_temp(meta, stream)
+        except OSError as exc:
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise OutOfSpace(f"{self.tmp}: disk full while writing") from exc
+            raise
+        try:
+            now = time.time()
+            with self.store.transaction() as conn:
+                row = conn.execute(
+                    "SELECT sha256, path FROM instances WHERE sop_instance_uid=?",
+                    (header.sop_instance_uid,),
+                ).fetchone()
+                if row is not None and (row["sha256"] == sha or policy == "keep_first"):
+                    dup = True
+                else:
+                    dup = False
+                    self._ensure_dir(final.parent)
+                    os.rename(tmp, final)
+                    if self._fsync:
+                        _fsync_dir(final.parent)
+                    admission = admit(
+                        conn,
+                        self.store,
+                        header,
+                        path=rel,
+                        sha256=sha,
+                        size=len(stream),
+                        calling_ae=calling_ae,
+                        assoc_id=assoc_id,
+                        now=now,
+                        settings=self.settings.series,
+                        root=self.root,
+                        replace=row is not None,
+                    )
+        finally:
+            tmp.unlink(missing_ok=True)
+        if dup:
+            assert row is not None
+            return self._duplicate(header, sha, row["sha256"], row["path"], assoc_id, ctx)
+        if row is not None:
+            log.warning(
+                "duplicate SOP Instance UID with different content: replaced the stored "
+                "instance (storage.duplicate_policy=replace)",
+                extra=ctx,
+            )
+            if row["path"] != rel:
+                (self.root / row["path"]).unlink(missing_ok=True)
+            return SpoolResult(Outcome.REPLACED, final, admission)
+        if admission.ignored_late:
+            log.warning(
+                "instance arrived after its series was complete: stored, series not re-opened "
+                "(series.late_instances=ignore)",
+                extra=ctx,
+            )
+        elif admission.opened and admission.revision > 0:
+            log.info(
+                "late instance: series re-opened as revision %d", admission.revision, extra=ctx
+            )
+        return SpoolResult(Outcome.STORED, final, admission)
+
+    def _duplicate(
+        self,
+        header: InstanceHeader,
+        sha: str,
+        stored_sha: str,
+        stored_path: str,
+        assoc_id: str | None,
+        ctx: dict[str, str | None],
+    ) -> SpoolResult:
+        with self.store.transaction() as conn:
+            touch(conn, header.series_uid, assoc_id, time.time())
+        if stored_sha == sha:
+            log.debug("identical duplicate acknowledged, nothing new stored", extra=ctx)
+            return SpoolResult(Outcome.DUPLICATE, self.root / stored_path)
+        log.warning(
+            "duplicate SOP Instance UID with different content: kept the first "
+            "(storage.duplicate_policy=keep_first)",
+            extra=ctx,
+        )
+        return SpoolResult(Outcome.KEPT_FIRST, self.root / stored_path)
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What :func:`recover_spool` did.
+
+    Attributes
+    ----------
+    recovered : int
+        Spool files without a store row that were recorded.
+    removed_temporary : int
+        Unfinished temporary files removed (never acknowledged to a sender).
+    quarantined : int
+        Spool files that could not be read, moved to ``<storage.path>/quarantine``.
+    """
+
+    recovered: int
+    removed_temporary: int
+    quarantined: int
+
+
+def _dataset_sha(path: Path) -> tuple[str, int]:
+    data = path.read_bytes()
+    # Written by the spool: preamble, DICM, then (0002,0000) UL group length first.
+    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        raise InvalidInstance(f"{path}: no file meta group length")
+    (group_length,) = struct.unpack("<I", data[140:144])
+    stream = data[144 + group_length :]
+    return hashlib.sha256(stream).hexdigest(), len(stream)
+
+
+def recover_spool(store: Store, settings: Settings) -> RecoveryReport:
+    """Bring the store and the spool folder back in line after a crash (run at start-up).
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    settings : Settings
+        ``storage.path`` and ``series`` are used.
+
+    Returns
+    -------
+    RecoveryReport
+    """
+    root = Path(settings.storage.path)
+    removed = 0
+    tmp = root / "tmp"
+    if tmp.is_dir():
+        for part in tmp.iterdir():
+            part.unlink(missing_ok=True)
+            removed += 1
+    spool = root / "spool"
+    if not spool.is_dir():
+        return RecoveryReport(0, removed, 0)
+    known = {r["path"] for r in store.execute("SELECT path FROM instances")}
+    recovered = quarantined = 0
+    for path in sorted(spool.glob("*/*/*.dcm")):
+        rel = path.relative_to(root).as_posix()
+        if rel in known:
+            continue
+        try:
+            header = read_file_header(path)
+            sha, size = _dataset_sha(path)
+            if spool_relpath(header) != rel:
+                raise InvalidInstance(f"{path}: its UIDs do not match its place in the spool")
+        except InvalidInstance as exc:
+            target = root / "quarantine" / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(target))
+            quarantined += 1
+            log.error("unreadable spool file moved to %s: %s", target, exc)
+            continue
+        with store.transaction() as conn:
+            if conn.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid=?", (header.sop_instance_uid,)
+            ).fetchone():
+                continue
+            admit(
+                conn,
+                store,
+                header,
+                path=rel,
+                sha256=sha,
+                size=size,
+                calling_ae=None,
+                assoc_id=None,
+                now=path.stat().st_mtime,
+                settings=settings.series,
+                root=root,
+            )
+        recovered += 1
+        log.warning(
+            "recovered a spool file that had no store row (crash after write)",
+            extra={
+                "study": header.study_uid,
+                "series": header.series_uid,
+                "sop_uid": header.sop_instance_uid,
+            },
+        )
+    return RecoveryReport(recovered, removed, quarantined)

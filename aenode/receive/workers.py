@@ -1,0 +1,155 @@
+"""Several receiving processes sharing the listening port (``SO_REUSEPORT``).
+
+One pynetdicom process is held back by the GIL; ``node.receivers`` processes (0 = one per
+CPU) each run :func:`aenode.receive.scp.serve_receiver`, and the kernel spreads incoming
+associations over them. Children are forked before the parent starts any thread, die with
+the parent (``PR_SET_PDEATHSIG``) and are restarted if they exit unexpectedly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from aenode.config import Settings
+from aenode.receive.scp import serve_receiver
+
+__all__ = ["ReceiverError", "ReceiverPool", "receiver_count"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ReceiverError(RuntimeError):
+    """A receiving process could not start; the message says why (for example the port)."""
+
+
+def receiver_count(settings: Settings) -> int:
+    """``node.receivers``, with 0 meaning the number of CPUs."""
+    return settings.node.receivers or os.cpu_count() or 1
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: fall back to the parent check below
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _child(settings: Settings, receivers: int, parent: int, conn: Connection) -> None:
+    _die_with_parent(parent)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    ready = threading.Event()
+
+    def report_ready() -> None:
+        ready.wait()
+        conn.send("ok")
+
+    threading.Thread(target=report_ready, daemon=True).start()
+    try:
+        serve_receiver(settings, stop, receivers=receivers, ready=ready)
+    except OSError as exc:
+        conn.send(f"error: {exc}")
+        raise SystemExit(3) from exc
+
+
+class ReceiverPool:
+    """The receiving processes of one node.
+
+    Parameters
+    ----------
+    settings : Settings
+        The node's settings; ``node.receivers`` processes are started.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.count = receiver_count(settings)
+        self._procs: list[BaseProcess] = []
+        self._ctx = multiprocessing.get_context("fork")
+        self._stopping = False
+
+    def _spawn(self, timeout: float) -> BaseProcess:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=_child,
+            args=(self.settings, self.count, os.getpid(), child_conn),
+            name="aenode-receiver",
+        )
+        proc.start()
+        child_conn.close()
+        if not parent_conn.poll(timeout):
+            proc.kill()
+            raise ReceiverError(f"receiver did not start listening within {timeout:.0f} s")
+        message = parent_conn.recv()
+        parent_conn.close()
+        if message != "ok":
+            proc.join(5)
+            raise ReceiverError(f"receiver could not start: {message}")
+        return proc
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the processes and wait until each listens.
+
+        Raises
+        ------
+        ReceiverError
+            If one cannot bind ``node.host:node.port``; the others are stopped.
+        """
+        try:
+            for _ in range(self.count):
+                self._procs.append(self._spawn(timeout))
+        except ReceiverError:
+            self.stop()
+            raise
+        log.info(
+            "listening on %s:%d as %s (%d receiving process(es))",
+            self.settings.node.host,
+            self.settings.node.port,
+            self.settings.node.ae_title,
+            self.count,
+        )
+
+    def check(self) -> int:
+        """Restart receiving processes that exited; returns how many were restarted."""
+        restarted = 0
+        for i, proc in enumerate(self._procs):
+            if self._stopping or proc.is_alive():
+                continue
+            log.error(
+                "receiving process %s exited with code %s: restarting", proc.pid, proc.exitcode
+            )
+            self._procs[i] = self._spawn(30.0)
+            restarted += 1
+        return restarted
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Ask every process to finish its associations and exit; kill those that do not."""
+        self._stopping = True
+        for proc in self._procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self._procs:
+            proc.join(timeout)
+            if proc.is_alive():
+                log.error("receiving process %s did not stop: killed", proc.pid)
+                proc.kill()
+                proc.join(5)
+        self._procs.clear()

@@ -35,7 +35,9 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from aenode.records import SeriesInfo, Volume
@@ -360,7 +362,7 @@ class _Filler:
 
 
 def _native_slice(frame: _Frame) -> np.ndarray | None:
-    """Read an uncompressed little-endian 16-bit slice straight from the file, or None."""
+    """An uncompressed little-endian 16-bit slice read straight from the file, or None."""
     ds = frame.header
     if (
         frame.frames_in_file != 1
@@ -368,45 +370,43 @@ def _native_slice(frame: _Frame) -> np.ndarray | None:
         or int(ds.BitsAllocated) != 16
     ):
         return None
-    elem = ds.get_item(_PIXEL_DATA)
-    offset = getattr(elem, "file_tell", None) if elem is not None else None
-    if offset is None or getattr(elem, "value", None) is not None:
-        return None
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     dtype = np.dtype("<i2" if signed else "<u2")
     count = frame.rows * frame.columns
-    raw = np.fromfile(frame.path, dtype=dtype, count=count, offset=int(offset))
+    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and elem.value is None:
+        # deferred: read from the file without loading the element into the dataset
+        raw = np.fromfile(frame.path, dtype=dtype, count=count, offset=int(elem.value_tell))
+    elif elem is not None and isinstance(elem.value, bytes):
+        raw = np.frombuffer(elem.value, dtype=dtype, count=min(count, len(elem.value) // 2))
+    else:
+        return None
     if raw.size != count:
         raise VolumeError(f"PixelData in {frame.path}: truncated ({raw.size} of {count} pixels)")
     bits = int(ds.get("BitsStored", 16))
     if bits < 16:
         shift = 16 - bits
-        if signed:
-            raw = (raw << shift) >> shift
-        else:
-            raw &= (1 << bits) - 1
+        raw = (raw << shift) >> shift if signed else raw & ((1 << bits) - 1)
     return raw.reshape(frame.rows, frame.columns)
 
 
-def _decoded(frame: _Frame, cache: dict[Path, np.ndarray]) -> np.ndarray:
+def _decoded(frame: _Frame) -> np.ndarray:
+    """One frame's stored values; a decoded single-frame instance drops its Pixel Data."""
     native = _native_slice(frame)
     if native is not None:
         return native
-    arr = cache.get(frame.path)
-    if arr is None:
-        try:
-            arr = frame.header.pixel_array
-        except Exception as exc:  # pydicom raises many types for undecodable data
-            ts = frame.header.file_meta.get("TransferSyntaxUID", "?")
-            raise VolumeError(
-                f"PixelData in {frame.path}: cannot decode (TransferSyntaxUID {ts}): {exc}"
-            ) from exc
-        if frame.frames_in_file > 1:
-            cache.clear()
-            cache[frame.path] = arr
-    if frame.frames_in_file > 1:
-        result: np.ndarray = arr[frame.frame]
-        return result
+    index = frame.frame if frame.frames_in_file > 1 else None
+    try:
+        arr: np.ndarray = pixel_array(frame.header, index=index)
+    except Exception as exc:  # pydicom raises many types for undecodable data
+        ts = frame.header.file_meta.get("TransferSyntaxUID", "?")
+        raise VolumeError(
+            f"PixelData in {frame.path}: cannot decode (TransferSyntaxUID {ts}): {exc}"
+        ) from exc
+    if frame.frames_in_file == 1:
+        del frame.header[_PIXEL_DATA]  # decoded: do not keep the encoded bytes around
+    elif arr.ndim == 3:
+        arr = arr[0]
     return arr
 
 
@@ -518,10 +518,8 @@ def _build(
         z_spacing = step
     shape = (len(frames), frames[0].rows, frames[0].columns)
     filler = _Filler(shape, _is_integral(frames))
-    cache: dict[Path, np.ndarray] = {}
     for k, frame in enumerate(frames):
-        filler.put(k, _decoded(frame, cache), frame.slope, frame.intercept)
-    cache.clear()
+        filler.put(k, _decoded(frame), frame.slope, frame.intercept)
     image = filler.image
     image.SetOrigin([float(v) for v in frames[0].position])
     image.SetSpacing([frames[0].spacing[1], frames[0].spacing[0], z_spacing])

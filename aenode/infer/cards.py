@@ -101,6 +101,9 @@ class RuntimeSpec(_Card):
     overlap: float = Field(default=0.25, ge=0, lt=1)
     batch_size: int = Field(default=4, ge=1)
     flip_tta: bool = False
+    flip_axes: list[Literal["x", "y", "z"]] = Field(
+        default=["x"], description="axes mirrored for test-time averaging"
+    )
 
 
 class ModelCard(_Card):

@@ -1,0 +1,354 @@
+"""The model registry: every package under ``models.path`` validated and loaded at start-up.
+
+A package is a folder ``<name>/`` holding ``model.yaml`` (a :class:`ModelCard`) and the
+weights it names. Anything wrong (unreadable YAML, an invalid card, a missing weights file,
+a checksum mismatch, weights that do not fit the architecture) stops start-up with a
+:class:`RegistryError` naming the card file, the field and the reason, e.g.
+``models/hippocampus/model.yaml: runtime.sha256: does not match model.pt (expected ..., got ...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import ValidationError
+
+from aenode.config import ModelsSettings, Settings
+from aenode.infer.cards import ModelCard
+from aenode.infer.zoo import ARCHITECTURES, build_network
+
+__all__ = ["LoadedModel", "Registry", "RegistryError", "command_models", "load_package"]
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "model.yaml"
+
+
+class RegistryError(ValueError):
+    """A model package that cannot be used; the message names the file, field and reason."""
+
+
+@dataclass
+class LoadedModel:
+    """A validated package with its network loaded (CPU, eval mode).
+
+    Attributes
+    ----------
+    card : ModelCard
+        The validated card.
+    path : pathlib.Path
+        The package folder.
+    network : torch.nn.Module
+        The network with its weights, in eval mode on the CPU.
+    """
+
+    card: ModelCard
+    path: Path
+    network: torch.nn.Module
+
+
+def _fail(card_path: Path, field: str, reason: str) -> RegistryError:
+    return RegistryError(f"{card_path}: {field}: {reason}")
+
+
+def _read_card(card_path: Path) -> ModelCard:
+    try:
+        text = card_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RegistryError(f"{card_path}: cannot read the card: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{card_path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RegistryError(f"{card_path}: the card must be a mapping of fields")
+    try:
+        return ModelCard.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{loc}: {msg}")
+        raise RegistryError(f"{card_path}: " + "; ".join(lines)) from exc
+
+
+def _check_card(card: ModelCard, folder: Path, card_path: Path) -> None:
+    if card.name != folder.name:
+        raise _fail(card_path, "name", f"{card.name!r} differs from the package folder")
+    if card.task == "segmentation":
+        if not card.outputs.labels:
+            raise _fail(card_path, "outputs.labels", "a segmentation model needs labels")
+        values = [label.value for label in card.outputs.labels]
+        if len(set(values)) != len(values):
+            raise _fail(card_path, "outputs.labels", f"duplicate label values {values}")
+    elif not card.outputs.classes:
+        raise _fail(card_path, "outputs.classes", "a classification model needs classes")
+    roles = [role.name for role in card.inputs.roles]
+    if len(set(roles)) != len(roles):
+        raise _fail(card_path, "inputs.roles", f"duplicate role names {roles}")
+    if not any(role.required for role in card.inputs.roles):
+        raise _fail(card_path, "inputs.roles", "at least one role must be required")
+    rt = card.runtime
+    if rt.format == "state_dict":
+        if rt.architecture is None:
+            raise _fail(card_path, "runtime.architecture", "required for format state_dict")
+        if rt.architecture not in ARCHITECTURES:
+            known = ", ".join(sorted(ARCHITECTURES))
+            raise _fail(
+                card_path, "runtime.architecture", f"unknown {rt.architecture!r} (known: {known})"
+            )
+    if rt.weights.is_absolute() or ".." in rt.weights.parts:
+        raise _fail(card_path, "runtime.weights", "must be a path inside the package folder")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_network(card: ModelCard, weights: Path, card_path: Path) -> torch.nn.Module:
+    rt = card.runtime
+    if rt.format == "torchscript":
+        try:
+            net: torch.nn.Module = torch.jit.load(str(weights), map_location="cpu")
+        except (RuntimeError, ValueError) as exc:
+            raise _fail(card_path, "runtime.weights", f"not a TorchScript file: {exc}") from exc
+    else:
+        assert rt.architecture is not None
+        try:
+            net = build_network(rt.architecture, rt.architecture_args)
+        except ValueError as exc:
+            raise _fail(card_path, "runtime.architecture_args", str(exc)) from exc
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several unrelated types for a bad file
+            raise _fail(card_path, "runtime.weights", f"cannot read {weights.name}: {exc}") from exc
+        if not isinstance(state, dict):
+            raise _fail(card_path, "runtime.weights", f"{weights.name} is not a state dict")
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            reason = " ".join(line.strip() for line in first[:3])
+            raise _fail(
+                card_path,
+                "runtime.weights",
+                f"{weights.name} does not fit {rt.architecture}: {reason}",
+            ) from exc
+    net.float().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def load_package(folder: Path) -> LoadedModel:
+    """Validate one package folder and load its network.
+
+    Parameters
+    ----------
+    folder : pathlib.Path
+        ``<models.path>/<name>``.
+
+    Returns
+    -------
+    LoadedModel
+        The card and the network (CPU, eval mode).
+
+    Raises
+    ------
+    RegistryError
+        If the card is missing or invalid, the weights file is missing, its sha256 differs
+        from the card's, or the weights do not load; the message names file and field.
+    """
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        raise RegistryError(f"{card_path}: model card not found")
+    card = _read_card(card_path)
+    _check_card(card, folder, card_path)
+    weights = folder / card.runtime.weights
+    if not weights.is_file():
+        raise _fail(card_path, "runtime.weights", f"file not found: {weights}")
+    actual = _sha256(weights)
+    if actual != card.runtime.sha256:
+        raise _fail(
+            card_path,
+            "runtime.sha256",
+            f"does not match {card.runtime.weights} (expected {card.runtime.sha256}, got {actual})",
+        )
+    net = _load_network(card, weights, card_path)
+    log.info("loaded model %s %s", card.name, card.version, extra={"model": card.name})
+    return LoadedModel(card=card, path=folder, network=net)
+
+
+class Registry:
+    """The loaded model packages, by name.
+
+    Parameters
+    ----------
+    models : dict of str to LoadedModel
+        Packages by card name.
+    """
+
+    def __init__(self, models: dict[str, LoadedModel]) -> None:
+        self._models = dict(models)
+
+    @classmethod
+    def load(cls, settings: ModelsSettings) -> Registry:
+        """Validate every package under ``settings.path`` (or those ``enabled``) and load them.
+
+        Parameters
+        ----------
+        settings : aenode.config.ModelsSettings
+            ``path`` and the optional ``enabled`` list.
+
+        Returns
+        -------
+        Registry
+            All packages loaded.
+
+        Raises
+        ------
+        RegistryError
+            If the folder is missing, an enabled package does not exist, or any package is
+            invalid (see :func:`load_package`).
+        """
+        root = Path(settings.path)
+        if not root.is_dir():
+            raise RegistryError(f"models.path: {root} is not a folder")
+        if settings.enabled is None:
+            folders = sorted(p.parent for p in root.glob(f"*/{CARD_FILE}"))
+        else:
+            folders = []
+            for name in settings.enabled:
+                if not (root / name / CARD_FILE).is_file():
+                    raise RegistryError(
+                        f"models.enabled: {name!r} has no {CARD_FILE} under {root / name}"
+                    )
+                folders.append(root / name)
+        return cls({f.name: load_package(f) for f in folders})
+
+    def names(self) -> list[str]:
+        """Names of the loaded models, sorted.
+
+        Returns
+        -------
+        list of str
+        """
+        return sorted(self._models)
+
+    def get(self, name: str) -> LoadedModel:
+        """A loaded package.
+
+        Parameters
+        ----------
+        name : str
+            The model's name.
+
+        Returns
+        -------
+        LoadedModel
+
+        Raises
+        ------
+        KeyError
+            If no such model is loaded (the message lists the loaded ones).
+        """
+        try:
+            return self._models[name]
+        except KeyError:
+            raise KeyError(f"model {name!r} is not loaded (loaded: {self.names()})") from None
+
+    def card(self, name: str) -> ModelCard:
+        """A loaded model's card.
+
+        Parameters
+        ----------
+        name : str
+            The model's name.
+
+        Returns
+        -------
+        ModelCard
+
+        Raises
+        ------
+        KeyError
+            If no such model is loaded.
+        """
+        return self.get(name).card
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+def _summary(model: LoadedModel) -> dict[str, Any]:
+    card = model.card
+    val = card.metrics.get("validation", {}) if isinstance(card.metrics, dict) else {}
+    dice = {k: v["dice"] for k, v in val.items() if isinstance(v, dict) and "dice" in v}
+    weights = model.path / card.runtime.weights
+    return {
+        "name": card.name,
+        "version": card.version,
+        "task": card.task,
+        "modality": card.inputs.modality,
+        "roles": [r.name for r in card.inputs.roles],
+        "labels": [label.name for label in card.outputs.labels],
+        "classes": [c.name for c in card.outputs.classes],
+        "weights": str(weights),
+        "weights_mb": round(weights.stat().st_size / 1e6, 2),
+        "sha256": card.runtime.sha256,
+        "validation_dice": dice,
+    }
+
+
+def command_models(args: argparse.Namespace, settings: Settings) -> int:
+    """``aenode models [--json]``: validate and list the model packages.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        ``json``: print one JSON object ``{"models": [...]}``.
+    settings : Settings
+        ``models`` is used.
+
+    Returns
+    -------
+    int
+        0 when every package is valid, 1 (with the reason on stderr) otherwise.
+    """
+    import sys
+
+    try:
+        registry = Registry.load(settings.models)
+    except RegistryError as exc:
+        print(f"aenode: {exc}", file=sys.stderr)
+        return 1
+    rows = [_summary(registry.get(n)) for n in registry.names()]
+    if args.json:
+        print(json.dumps({"models": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"no model packages under {settings.models.path}")
+    for row in rows:
+        outputs = ", ".join(row["labels"] or row["classes"])
+        dice = " ".join(f"{k}={v:.3f}" for k, v in row["validation_dice"].items())
+        print(
+            f"{row['name']} {row['version']}  {row['task']} {row['modality']}  [{outputs}]  "
+            f"{row['weights_mb']} MB" + (f"  validation Dice {dice}" if dice else "")
+        )
+    return 0

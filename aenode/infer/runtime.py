@@ -1,0 +1,361 @@
+"""The inference runtime: one worker thread per device, models kept warm between jobs.
+
+:meth:`Runtime.predict` may be called from any thread; it queues the job on a device
+worker (``cuda:N`` for each GPU, else the CPU) and waits at most
+``runtime.job_timeout_seconds`` (counted from submission). A worker takes several queued
+jobs of the same model and input shape at once and runs them as one batch (up to the
+card's ``runtime.batch_size``); volumes larger than the card's patch go through MONAI's
+sliding window. Inputs are oriented, resampled, normalised and padded as the card says, and
+outputs are put back on the grid of the reference role's volume. A failing job raises
+:class:`InferenceError` naming model and reason; the worker goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from aenode.config import ConfigError, RuntimeSettings
+from aenode.infer.cards import ModelCard
+from aenode.infer.forward import predict_probs
+from aenode.infer.preprocess import Prepared, prepare, restore_labels, restore_probs
+from aenode.infer.registry import Registry
+from aenode.records import Prediction, Volume
+
+__all__ = ["InferenceError", "Runtime", "resolve_devices"]
+
+log = logging.getLogger(__name__)
+
+
+class InferenceError(RuntimeError):
+    """A job that could not be run; the message names the model and the reason."""
+
+
+def resolve_devices(setting: str) -> list[torch.device]:
+    """The devices to start workers on.
+
+    Parameters
+    ----------
+    setting : str
+        ``runtime.device``: ``auto`` (every CUDA device, else the CPU), ``cpu`` or ``cuda``.
+
+    Returns
+    -------
+    list of torch.device
+
+    Raises
+    ------
+    aenode.config.ConfigError
+        If ``cuda`` is asked for and torch sees no CUDA device.
+    """
+    cuda = torch.cuda.is_available()
+    if setting == "cuda" and not cuda:
+        raise ConfigError("runtime.device: cuda requested but torch.cuda.is_available() is False")
+    if setting in ("auto", "cuda") and cuda:
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    return [torch.device("cpu")]
+
+
+@dataclass
+class _Job:
+    model: str
+    volumes: Mapping[str, Volume]
+    fractional: bool
+    future: Future[Prediction]
+    submitted: float
+    deadline: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Ready:
+    job: _Job
+    reference: str
+    prepared: Prepared
+    array: np.ndarray  # (channels, z, y, x)
+    preprocess_s: float
+
+
+_STOP = object()
+
+
+class _Worker:
+    def __init__(self, device: torch.device, registry: Registry, settings: RuntimeSettings):
+        self.device = device
+        self.registry = registry
+        self.settings = settings
+        self.queue: queue.Queue[object] = queue.Queue()
+        self.nets: dict[str, torch.nn.Module] = {}
+        for name in registry.names():
+            net = registry.get(name).network
+            self.nets[name] = net if device.type == "cpu" else copy.deepcopy(net).to(device)
+        self.thread = threading.Thread(
+            target=self._loop, name=f"aenode-infer-{device}", daemon=True
+        )
+        self.thread.start()
+
+    # -- the worker thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        pending: list[_Job] = []
+        while True:
+            item = pending.pop(0) if pending else self.queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, _Job)
+            batch, pending = self._gather(item, pending)
+            if batch:
+                self._run_batch(batch)
+
+    def _gather(self, first: _Job, pending: list[_Job]) -> tuple[list[_Ready], list[_Job]]:
+        """``first`` plus queued jobs of the same model and input shape, prepared."""
+        ready: list[_Ready] = []
+        card = self.registry.card(first.model) if first.model in self.registry else None
+        limit = card.runtime.batch_size if card is not None else 1
+        candidates = [first]
+        while len(candidates) < limit:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP or not isinstance(item, _Job) or item.model != first.model:
+                pending.append(item)  # type: ignore[arg-type]
+                break
+            candidates.append(item)
+        for job in candidates:
+            if job.cancelled.is_set() or job.future.done():
+                continue
+            try:
+                prepared = self._prepare(job)
+            except Exception as exc:  # each job fails on its own, the worker goes on
+                _fail(job, exc)
+                continue
+            if ready and prepared.array.shape != ready[0].array.shape:
+                pending.insert(0, job)  # different shape: run it in the next batch
+                continue
+            ready.append(prepared)
+        return ready, pending
+
+    def _prepare(self, job: _Job) -> _Ready:
+        t0 = time.perf_counter()
+        card = self.registry.card(job.model)
+        reference = _reference_role(card, job.volumes, job.model)
+        ref_image = job.volumes[reference].image
+        spec = card.inputs.preprocessing
+        prepared_ref = prepare(ref_image, spec)
+        channels = []
+        for role in card.inputs.roles:
+            if role.name == reference:
+                channels.append(prepared_ref.array)
+            elif role.name in job.volumes:
+                img = sitk.Resample(
+                    sitk.Cast(job.volumes[role.name].image, sitk.sitkFloat32),
+                    ref_image,
+                    sitk.Transform(),
+                    sitk.sitkLinear,
+                    0.0,
+                )
+                channels.append(prepare(img, spec).array)
+            else:
+                channels.append(np.zeros_like(prepared_ref.array))
+        array = np.stack(channels).astype(np.float32)
+        return _Ready(job, reference, prepared_ref, array, time.perf_counter() - t0)
+
+    def _run_batch(self, batch: list[_Ready]) -> None:
+        name = batch[0].job.model
+        card = self.registry.card(name)
+        t0 = time.perf_counter()
+        try:
+            x = torch.from_numpy(np.stack([r.array for r in batch])).to(self.device)
+            autocast = self.device.type == "cuda" and self.settings.mixed_precision
+            net = self.nets[name]
+            if card.task == "segmentation":
+                probs = predict_probs(net, x, card.runtime, autocast=autocast).cpu().numpy()
+            else:
+                with torch.inference_mode():
+                    logits = net(x).float()
+                single = logits.shape[1] == 1
+                scores = torch.sigmoid(logits) if single else torch.softmax(logits, 1)
+                probs = scores.cpu().numpy()
+        except Exception as exc:  # the whole batch failed; each caller gets the reason
+            for r in batch:
+                _fail(r.job, exc)
+            return
+        infer_s = (time.perf_counter() - t0) / len(batch)
+        for r, p in zip(batch, probs, strict=True):
+            try:
+                prediction = self._postprocess(card, r, p)
+                prediction.timings.update(
+                    queue=round(t0 - r.job.submitted - r.preprocess_s, 4),
+                    preprocess=round(r.preprocess_s, 4),
+                    infer=round(infer_s, 4),
+                )
+                prediction.extra.update(device=str(self.device), batch=len(batch))
+                if not r.job.future.done():
+                    r.job.future.set_result(prediction)
+            except Exception as exc:
+                _fail(r.job, exc)
+
+    def _postprocess(self, card: ModelCard, ready: _Ready, probs: np.ndarray) -> Prediction:
+        t0 = time.perf_counter()
+        ref_image = ready.job.volumes[ready.reference].image
+        if card.task == "classification":
+            values = probs.reshape(-1)
+            names = [c.name for c in card.outputs.classes]
+            if values.size != len(names):
+                raise ValueError(f"network gives {values.size} outputs for {len(names)} classes")
+            return Prediction(
+                model=card.name,
+                version=card.version,
+                task=card.task,
+                class_probabilities={n: float(v) for n, v in zip(names, values, strict=True)},
+                reference_role=ready.reference,
+            )
+        n_labels = len(card.outputs.labels)
+        if probs.shape[0] != n_labels + 1:
+            raise ValueError(
+                f"network gives {probs.shape[0]} channels for {n_labels} labels + background"
+            )
+        index = probs.argmax(0).astype(np.uint8)
+        values = np.array([0, *(label.value for label in card.outputs.labels)], np.uint8)
+        labels = restore_labels(values[index], ready.prepared, ref_image)
+        fractional = (
+            restore_probs(probs[1:], ready.prepared, ref_image) if ready.job.fractional else None
+        )
+        return Prediction(
+            model=card.name,
+            version=card.version,
+            task=card.task,
+            labels=labels,
+            probabilities=fractional,
+            reference_role=ready.reference,
+            timings={"postprocess": round(time.perf_counter() - t0, 4)},
+        )
+
+
+def _reference_role(card: ModelCard, volumes: Mapping[str, Volume], model: str) -> str:
+    missing = [r.name for r in card.inputs.roles if r.required and r.name not in volumes]
+    if missing:
+        raise InferenceError(f"model {model!r}: missing required input role(s) {missing}")
+    unknown = sorted(set(volumes) - {r.name for r in card.inputs.roles})
+    if unknown:
+        raise InferenceError(f"model {model!r}: unknown input role(s) {unknown}")
+    return next(r.name for r in card.inputs.roles if r.name in volumes)
+
+
+def _fail(job: _Job, exc: BaseException) -> None:
+    reason = str(exc) if isinstance(exc, InferenceError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, InferenceError):
+        error = exc
+    else:
+        error = InferenceError(f"model {job.model!r}: {reason}")
+    log.error("inference failed: %s", reason, extra={"model": job.model})
+    if not job.future.done():
+        job.future.set_exception(error)
+
+
+class Runtime:
+    """Device workers holding the registry's models warm.
+
+    Parameters
+    ----------
+    registry : Registry
+        The loaded models.
+    settings : aenode.config.RuntimeSettings
+        ``device``, ``torch_threads``, ``job_timeout_seconds``, ``mixed_precision`` (CUDA
+        only; the CPU path runs float32) and ``deterministic``.
+    """
+
+    def __init__(self, registry: Registry, settings: RuntimeSettings) -> None:
+        self.registry = registry
+        self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        if settings.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.devices = resolve_devices(settings.device)
+        self._workers = [_Worker(d, registry, settings) for d in self.devices]
+        self._next = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def predict(
+        self, model: str, volumes: Mapping[str, Volume], *, fractional: bool = False
+    ) -> Prediction:
+        """Run a model on its input volumes and wait for the result.
+
+        Parameters
+        ----------
+        model : str
+            A loaded model's name.
+        volumes : Mapping[str, Volume]
+            Input role name to volume (``{"image": volume}`` for single-series models).
+        fractional : bool
+            Also return per-label probabilities on the reference grid.
+
+        Returns
+        -------
+        aenode.records.Prediction
+            Labels (uint8) on the grid of the reference (first present) role's volume.
+
+        Raises
+        ------
+        InferenceError
+            If the model is unknown, a required role is missing, the job fails, or it does
+            not finish within ``job_timeout_seconds`` of submission; the message names the
+            model and the reason.
+        """
+        if self._closed:
+            raise InferenceError(f"model {model!r}: the runtime is closed")
+        if model not in self.registry:
+            raise InferenceError(
+                f"model {model!r}: not in the registry (loaded: {self.registry.names()})"
+            )
+        _reference_role(self.registry.card(model), volumes, model)
+        timeout = self.settings.job_timeout_seconds
+        now = time.perf_counter()
+        job = _Job(model, volumes, fractional, Future(), now, now + timeout)
+        with self._lock:
+            n = len(self._workers)
+            order = [self._workers[(self._next + i) % n] for i in range(n)]
+            worker = min(order, key=lambda w: w.queue.qsize())
+            self._next = (self._workers.index(worker) + 1) % n
+        worker.queue.put(job)
+        try:
+            return job.future.result(timeout=timeout)
+        except FutureTimeout:
+            job.cancelled.set()
+            raise InferenceError(
+                f"model {model!r}: timed out after {timeout:g} s (runtime.job_timeout_seconds)"
+            ) from None
+
+    def close(self) -> None:
+        """Stop the workers after the jobs already queued; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            w.queue.put(_STOP)
+        for w in self._workers:
+            w.thread.join()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

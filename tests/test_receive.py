@@ -55,6 +55,7 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> NodeProcess:
+        offset = len(self.log_text())
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [AENODE, "--config", str(self.config), "serve"],
@@ -66,7 +67,7 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"aenode serve exited with {self.proc.returncode}:\n{self.log_text()}")
-            if "listening on" in self.log_text():
+            if "listening on" in self.log_text()[offset:]:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     return self
             time.sleep(0.1)

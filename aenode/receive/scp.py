@@ -340,7 +340,8 @@ def serve_receiver(
     stop.wait()
     server.shutdown()
     deadline = time.monotonic() + drain_seconds
-    while ae.active_associations and time.monotonic() < deadline:
+    # Associations still exchanging data may finish; released ones are only winding down.
+    while time.monotonic() < deadline and any(a.is_established for a in ae.active_associations):
         time.sleep(0.05)
     ae.shutdown()
     store.close()

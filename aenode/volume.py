@@ -16,7 +16,9 @@ approximation, and a warning names what was waived.
 
 Pixels: the modality LUT (``RescaleSlope``/``RescaleIntercept``, per frame for enhanced
 objects) is applied; the output is int16 when that is exact, float32 otherwise. Compressed
-transfer syntaxes are decoded by pydicom (with the pylibjpeg plugins). The output image is
+transfer syntaxes are decoded by pydicom (with the pylibjpeg plugins), except JPEG Lossless
+single-frame files, which GDCM (through SimpleITK) decodes about twice as fast; pydicom
+takes over where GDCM fails, and ``decoder="pydicom"`` uses pydicom only. The output image is
 allocated once and filled slice by slice through a writable view on SimpleITK's own buffer,
 so that no second full copy of the volume is ever made; uncompressed little-endian slices are
 read from the file straight into it.
@@ -29,7 +31,7 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -38,7 +40,12 @@ from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLossless,
+    JPEGLosslessSV1,
+)
 
 from aenode.records import SeriesInfo, Volume
 
@@ -50,6 +57,7 @@ _PIXEL_DATA = 0x7FE00010
 _ORIENTATION_TOL = 1e-4
 _POSITION_TOL = 0.01  # mm: positions closer than this along the normal coincide
 _NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+_GDCM_FAST = {JPEGLosslessSV1, JPEGLossless}  # where GDCM is much faster than pylibjpeg
 _WAIVABLE = frozenset({"tilt", "gaps", "spacing"})
 _INT16 = np.iinfo(np.int16)
 
@@ -390,11 +398,45 @@ def _native_slice(frame: _Frame) -> np.ndarray | None:
     return raw.reshape(frame.rows, frame.columns)
 
 
-def _decoded(frame: _Frame) -> np.ndarray:
-    """One frame's stored values; a decoded single-frame instance drops its Pixel Data."""
+def _gdcm_slice(frame: _Frame) -> np.ndarray | None:
+    """A compressed single-frame slice decoded by GDCM (SimpleITK), rescaled; None if not.
+
+    GDCM decodes JPEG Lossless about twice as fast as pylibjpeg here. It applies the same
+    modality LUT (this file's RescaleSlope/Intercept) that :class:`_Filler` would.
+    """
+    ds = frame.header
+    if frame.frames_in_file != 1 or ds.file_meta.get("TransferSyntaxUID") not in _GDCM_FAST:
+        return None
+    if ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(frame.path))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        log.debug("GDCM cannot decode %s (%s); using pydicom", frame.path, exc)
+        return None
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetSize()[:2] != (
+        frame.columns,
+        frame.rows,
+    ):
+        return None
+    arr: np.ndarray = sitk.GetArrayFromImage(image).reshape(frame.rows, frame.columns)
+    return arr
+
+
+def _decoded(frame: _Frame, decoder: str) -> tuple[np.ndarray, float, float]:
+    """One frame's values with the slope and intercept still to apply.
+
+    A decoded single-frame instance drops its Pixel Data from the header.
+    """
     native = _native_slice(frame)
     if native is not None:
-        return native
+        return native, frame.slope, frame.intercept
+    rescaled = _gdcm_slice(frame) if decoder == "auto" else None
+    if rescaled is not None:
+        return rescaled, 1.0, 0.0
     index = frame.frame if frame.frames_in_file > 1 else None
     try:
         arr: np.ndarray = pixel_array(frame.header, index=index)
@@ -407,7 +449,7 @@ def _decoded(frame: _Frame) -> np.ndarray:
         del frame.header[_PIXEL_DATA]  # decoded: do not keep the encoded bytes around
     elif arr.ndim == 3:
         arr = arr[0]
-    return arr
+    return arr, frame.slope, frame.intercept
 
 
 def read_headers(paths: Sequence[Path]) -> list[tuple[Path, Dataset]]:
@@ -449,6 +491,7 @@ def build_volume(
     *,
     spacing_tolerance: float = 0.01,
     allow: Collection[str] = (),
+    decoder: Literal["auto", "pydicom"] = "auto",
 ) -> Volume:
     """Build the geometry-checked volume of one series.
 
@@ -462,6 +505,9 @@ def build_volume(
         Problems to waive with a warning instead of rejecting: ``"tilt"`` (positions off the
         normal), ``"gaps"`` (missing slices), ``"spacing"`` (non-uniform spacing). The waived
         volume gets ITK's approximate geometry (see the module docstring).
+    decoder : {"auto", "pydicom"}
+        ``auto`` decodes JPEG Lossless with GDCM (through SimpleITK, about twice as fast
+        as pylibjpeg) and falls back to pydicom; ``pydicom`` uses pydicom's plugins only.
 
     Returns
     -------
@@ -477,7 +523,7 @@ def build_volume(
     _check_allow(allow)
     if not series.files:
         raise VolumeError(f"series {series.series_uid}: no files")
-    return _build(series, read_headers(series.files), spacing_tolerance, allow)
+    return _build(series, read_headers(series.files), spacing_tolerance, allow, decoder)
 
 
 def _build(
@@ -485,6 +531,7 @@ def _build(
     headers: Sequence[tuple[Path, Dataset]],
     spacing_tolerance: float,
     allow: Collection[str],
+    decoder: str,
 ) -> Volume:
     extra = {"study": series.study_uid, "series": series.series_uid}
     frames: list[_Frame] = []
@@ -519,7 +566,7 @@ def _build(
     shape = (len(frames), frames[0].rows, frames[0].columns)
     filler = _Filler(shape, _is_integral(frames))
     for k, frame in enumerate(frames):
-        filler.put(k, _decoded(frame), frame.slope, frame.intercept)
+        filler.put(k, *_decoded(frame, decoder))
     image = filler.image
     image.SetOrigin([float(v) for v in frames[0].position])
     image.SetSpacing([frames[0].spacing[1], frames[0].spacing[0], z_spacing])
@@ -547,6 +594,7 @@ def build_volume_from_files(
     *,
     spacing_tolerance: float = 0.01,
     allow: Collection[str] = (),
+    decoder: Literal["auto", "pydicom"] = "auto",
 ) -> Volume:
     """Build a volume from files of one series, making its :class:`SeriesInfo` from the headers.
 
@@ -554,7 +602,7 @@ def build_volume_from_files(
     ----------
     paths : sequence of pathlib.Path
         Part 10 files of one series.
-    spacing_tolerance, allow
+    spacing_tolerance, allow, decoder
         As for :func:`build_volume`.
 
     Returns
@@ -582,4 +630,4 @@ def build_volume_from_files(
         description=str(first.get("SeriesDescription", "")),
         files=tuple(Path(p) for p in paths),
     )
-    return _build(info, headers, spacing_tolerance, allow)
+    return _build(info, headers, spacing_tolerance, allow, decoder)

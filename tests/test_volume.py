@@ -104,6 +104,17 @@ def test_cq500_waived_matches_simpleitk(data_dir: Path) -> None:
     assert 0 < float(np.median(centre)) < 80
 
 
+def test_cq500_gdcm_and_pydicom_decoders_agree(data_dir: Path) -> None:
+    files = [data_dir / "cq500-ct0" / f"CT{k:06d}.dcm" for k in range(100, 112)]
+    fast = build_volume_from_files(files, allow={"tilt", "gaps"})
+    plain = build_volume_from_files(files, allow={"tilt", "gaps"}, decoder="pydicom")
+    assert fast.image.GetPixelID() == plain.image.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(fast.image), sitk.GetArrayViewFromImage(plain.image)
+    )
+    assert all("PixelData" not in ds for ds in fast.datasets + plain.datasets)
+
+
 def test_cq500_stray_slice_single(data_dir: Path) -> None:
     path = data_dir / "cq500-ct0" / "CT000000.dcm"
     ref = sitk.ReadImage(str(path))
@@ -111,13 +122,14 @@ def test_cq500_stray_slice_single(data_dir: Path) -> None:
     _assert_same(vol.image, ref)
 
 
-def test_dcm_qa_ts_all_transfer_syntaxes_identical(data_dir: Path) -> None:
+@pytest.mark.parametrize("decoder", ["auto", "pydicom"])
+def test_dcm_qa_ts_all_transfer_syntaxes_identical(data_dir: Path, decoder: str) -> None:
     files = sorted((data_dir / "dcm-qa-ts").glob("*.dcm"))
     assert len(files) == 9
     arrays = []
     syntaxes = set()
     for path in files:
-        vol = build_volume_from_files([path])
+        vol = build_volume_from_files([path], decoder=decoder)  # type: ignore[arg-type]
         _assert_same(vol.image, sitk.ReadImage(str(path)))
         arrays.append(sitk.GetArrayFromImage(vol.image))
         syntaxes.add(vol.datasets[0].file_meta.TransferSyntaxUID)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from isles import write_isles_study
 from pydicom.dataset import Dataset
 
 from aenode.cli import main
@@ -347,3 +348,53 @@ def test_tester_no_dicom(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     captured = capsys.readouterr()
     assert "0 series, 0 matched, 1 rule, 1 file(s) skipped" in captured.out
     assert "notes.txt: not DICOM" in captured.err
+
+
+def test_public_surface() -> None:
+    import aenode.select as select
+
+    assert sorted(select.__all__) == [
+        "ConditionSpec",
+        "Decision",
+        "Rule",
+        "RuleSpec",
+        "StudyTracker",
+        "compile_rules",
+        "evaluate",
+        "match_series",
+        "role_requirements",
+    ]
+    assert all(getattr(select, name) is not None for name in select.__all__)
+
+
+def test_tester_reports_study_roles(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study_uid, files = write_isles_study(tmp_path / "isles", data_dir, roles=("dwi", "adc"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "selection:\n  rules:\n    - name: stroke\n      models: [stroke]\n      roles:\n"
+        "        dwi: {tag: SeriesDescription, equals: DWI}\n"
+        "        adc: {tag: SeriesDescription, equals: ADC}\n"
+        "        flair: {tag: SeriesDescription, equals: FLAIR}\n"
+    )
+    assert main(["--config", str(cfg), "select", str(tmp_path / "isles")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "  -> rule stroke role adc: model stroke"
+    assert lines[3] == "  -> rule stroke role dwi: model stroke"
+    assert lines[4] == f"study ...{study_uid[-12:]}: rule stroke waits for role(s) flair"
+    assert lines[5] == "2 series, 2 matched, 1 rule"
+    assert main(["--config", str(cfg), "select", str(tmp_path / "isles"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["studies"] == [
+        {
+            "study_uid": study_uid,
+            "rule": "stroke",
+            "models": ["stroke"],
+            "roles": {
+                "adc": [pydicom.dcmread(files["adc"][0]).SeriesInstanceUID],
+                "dwi": [pydicom.dcmread(files["dwi"][0]).SeriesInstanceUID],
+            },
+            "missing": ["flair"],
+        }
+    ]

@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from aenode.config import Settings
 from aenode.select.rules import Rule, compile_rules, evaluate
 
-__all__ = ["SeriesReport", "command_select", "explain", "scan", "short_uid"]
+__all__ = ["SeriesReport", "command_select", "explain", "scan", "short_uid", "studies"]
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,50 @@ def explain(reports: Sequence[SeriesReport], rules: Sequence[Rule]) -> None:
                 report.failures.append({"rule": rule.name, "reason": decision.reason})
 
 
-def _text(reports: Sequence[SeriesReport], skipped: Sequence[str], n_rules: int) -> str:
+def studies(reports: Sequence[SeriesReport], rules: Sequence[Rule]) -> list[dict[str, Any]]:
+    """For each study rule and study with a role filled: the roles found and those missing.
+
+    Parameters
+    ----------
+    reports : sequence of SeriesReport
+        After :func:`explain`.
+    rules : sequence of Rule
+        Compiled rules.
+
+    Returns
+    -------
+    list of dict
+        ``study_uid``, ``rule``, ``models``, ``roles`` (role -> series UIDs), ``missing``.
+    """
+    out = []
+    for rule in rules:
+        if not rule.is_study:
+            continue
+        found: dict[str, dict[str, list[str]]] = {}
+        for r in reports:
+            for m in r.matches:
+                if m["rule"] == rule.name and m["role"]:
+                    roles = found.setdefault(r.study_uid, {})
+                    roles.setdefault(m["role"], []).append(r.series_uid)
+        for study_uid, roles in found.items():
+            out.append(
+                {
+                    "study_uid": study_uid,
+                    "rule": rule.name,
+                    "models": list(rule.models),
+                    "roles": roles,
+                    "missing": [role for role in rule.roles if role not in roles],
+                }
+            )
+    return out
+
+
+def _text(
+    reports: Sequence[SeriesReport],
+    skipped: Sequence[str],
+    n_rules: int,
+    study_rows: Sequence[dict[str, Any]] = (),
+) -> str:
     lines = []
     for r in reports:
         lines.append(
@@ -153,6 +196,12 @@ def _text(reports: Sequence[SeriesReport], skipped: Sequence[str], n_rules: int)
             lines.append(f"  -> rule {m['rule']}{role}: model{plural} {models}")
         for f in r.failures:
             lines.append(f"  rule {f['rule']}: {f['reason']}")
+    for row in study_rows:
+        head = f"study {short_uid(row['study_uid'])}: rule {row['rule']}"
+        if row["missing"]:
+            lines.append(f"{head} waits for role(s) {', '.join(row['missing'])}")
+        else:
+            lines.append(f"{head} -> model(s) {', '.join(row['models'])} with all roles")
     matched = sum(1 for r in reports if r.matches)
     lines.append(
         f"{len(reports)} series, {matched} matched, {n_rules} rule{'s' if n_rules != 1 else ''}"
@@ -184,10 +233,16 @@ def command_select(args: argparse.Namespace, settings: Settings) -> int:
     rules = compile_rules(settings.selection.rules)
     reports, skipped = scan([Path(p) for p in args.paths])
     explain(reports, rules)
+    study_rows = studies(reports, rules)
     if args.json:
-        print(json.dumps({"series": [r.as_dict() for r in reports], "skipped": skipped}, indent=2))
+        result = {
+            "series": [r.as_dict() for r in reports],
+            "studies": study_rows,
+            "skipped": skipped,
+        }
+        print(json.dumps(result, indent=2))
     else:
-        print(_text(reports, skipped, len(rules)))
+        print(_text(reports, skipped, len(rules), study_rows))
         for line in skipped:
             print(f"skipped {line}", file=sys.stderr)
     if not reports:

@@ -54,7 +54,7 @@ __all__ = ["VolumeError", "build_volume", "build_volume_from_files", "read_heade
 log = logging.getLogger(__name__)
 
 _PIXEL_DATA = 0x7FE00010
-_ORIENTATION_TOL = 1e-4
+_ORIENTATION_TOL = 1e-3  # direction cosines: about 0.06 degrees
 _POSITION_TOL = 0.01  # mm: positions closer than this along the normal coincide
 _NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 _GDCM_FAST = {JPEGLosslessSV1, JPEGLossless}  # where GDCM is much faster than pylibjpeg
@@ -183,18 +183,24 @@ def _check_same(frames: Sequence[_Frame], tag: str, key: Any, fmt: Any = str) ->
         raise VolumeError(f"{tag} differs within the series: " + "; ".join(parts))
 
 
-def _orientation_key(f: _Frame) -> tuple[float, ...]:
-    return tuple(float(v) for v in np.round(f.orientation / (_ORIENTATION_TOL * 10)) * 1e-3)
-
-
 def _check_consistent(frames: Sequence[_Frame]) -> None:
     ref = frames[0].orientation
     if any(np.max(np.abs(f.orientation - ref)) > _ORIENTATION_TOL for f in frames):
+        # group around representatives (no rounding edge can split near-equal values)
+        reps: list[np.ndarray] = []
+
+        def key(f: _Frame) -> int:
+            for i, rep in enumerate(reps):
+                if np.max(np.abs(f.orientation - rep)) <= _ORIENTATION_TOL:
+                    return i
+            reps.append(f.orientation)
+            return len(reps) - 1
+
         _check_same(
             frames,
             "ImageOrientationPatient (mixed orientations)",
-            _orientation_key,
-            lambda v: "[" + ", ".join(f"{x:g}" for x in v) + "]",
+            key,
+            lambda i: "[" + ", ".join(f"{x:g}" for x in reps[i]) + "]",
         )
     _check_same(frames, "Rows/Columns", lambda f: (f.rows, f.columns), lambda v: f"{v[0]}x{v[1]}")
     _check_same(

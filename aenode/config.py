@@ -153,9 +153,11 @@ class RuntimeSettings(_Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(default=0, ge=0, description="0 leaves torch's default")
-    job_timeout_seconds: float = Field(default=600.0, gt=0)
-    mixed_precision: bool = True
-    deterministic: bool = True
+    job_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="per job, from submission to result (queueing included)"
+    )
+    mixed_precision: bool = Field(default=True, description="float16 autocast on CUDA only")
+    deterministic: bool = Field(default=True, description="deterministic torch algorithms")
 
 
 class ResultsSettings(_Section):

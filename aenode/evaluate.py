@@ -350,6 +350,17 @@ def _print_segmentation(report: dict[str, Any]) -> None:
         print(f"{'dice 95% CI':>18}: {k} [{lo:.4f}, {hi:.4f}]")
 
 
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats (an empty mask's Hausdorff distance) become null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """``aenode evaluate --model NAME --images DIR --labels DIR [--cases a,b] [--json]``.
 
@@ -383,7 +394,7 @@ def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
             labels_csv = args.labels / "labels.csv" if args.labels.is_dir() else args.labels
             report = evaluate_classification(runtime, card, args.images, labels_csv, names)
     if args.json:
-        print(json.dumps(report, allow_nan=True))
+        print(json.dumps(_finite(report)))
     elif card.task == "segmentation":
         _print_segmentation(report)
     else:

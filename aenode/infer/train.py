@@ -64,6 +64,7 @@ LR = 3e-3
 WEIGHT_DECAY = 1e-4
 BATCH = 4
 FINAL_EVAL_SECONDS = 90.0
+TRAIN_CROP = [40, 56, 40]  # (x, y, z) training window, divisible by the net's 8
 
 
 def hippocampus_card(runtime: RuntimeSpec | None = None) -> ModelCard:
@@ -213,6 +214,7 @@ def _batch(
     n = len(cases)
     x = np.zeros((n, 1, *box), np.float32)
     y = np.zeros((n, *box), np.int64)
+    centres = []
     for i, c in enumerate(cases):
         img, lab = c.image, c.label
         if augment:
@@ -226,6 +228,7 @@ def _batch(
         sz, sy, sx = (slice(o, o + s) for o, s in zip(off, img.shape, strict=True))
         x[i, 0, sz, sy, sx] = img
         y[i, sz, sy, sx] = lab
+        centres.append([o + s // 2 for o, s in zip(off, img.shape, strict=True)])
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     if not augment:
         return xt, yt
@@ -249,7 +252,19 @@ def _batch(
             noise = rng.normal(0.0, rng.uniform(0.0, 0.1), size=xi.shape).astype(np.float32)
             xi = xi + torch.from_numpy(noise)
         xt[i] = xi
-    return xt, yt
+    # train on a window around the case (most of the padded box is background): 1.6x faster
+    crop = tuple(reversed(TRAIN_CROP))
+    xs = torch.empty((n, 1, *crop), dtype=xt.dtype)
+    ys = torch.empty((n, *crop), dtype=yt.dtype)
+    for i, centre in enumerate(centres):
+        start = [
+            int(np.clip(m - w // 2 + rng.integers(-3, 4), 0, b - w))
+            for m, w, b in zip(centre, crop, box, strict=True)
+        ]
+        sz, sy, sx = (slice(s, s + w) for s, w in zip(start, crop, strict=True))
+        xs[i] = xt[i, :, sz, sy, sx]
+        ys[i] = yt[i, sz, sy, sx]
+    return xs, ys
 
 
 def _validate(
@@ -405,7 +420,9 @@ def train_hippocampus(
             chunk = [train[i] for i in order[step * BATCH : (step + 1) * BATCH]]
             x, y = _batch(chunk, rng, box, augment=True)
             x = x.contiguous(memory_format=torch.channels_last_3d)
-            loss = loss_fn(net(x), y[:, None])
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # ~1.5x on AVX512-BF16 CPUs
+                logits = net(x)
+            loss = loss_fn(logits.float(), y[:, None])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -467,6 +484,8 @@ def train_hippocampus(
                 "optimizer": f"AdamW lr {LR} wd {WEIGHT_DECAY}, 1 warm-up epoch then cosine",
                 "loss": "Dice + cross-entropy (batch Dice)",
                 "batch_size": BATCH,
+                "precision": "bfloat16 autocast (CPU), float32 weights",
+                "train_window": TRAIN_CROP,
                 "augmentation": "random placement in the 48x64x48 box, flips x/z, rotation "
                 "+-15 deg and scale 0.87-1.15 (p 0.5), intensity scale/shift, gamma (p 0.3), "
                 "noise (p 0.2)",

@@ -436,3 +436,26 @@ def test_not_dicom_named(tmp_path: Path) -> None:
     bad.write_bytes(b"not dicom at all")
     with pytest.raises(VolumeError, match=r"junk\.dcm: cannot read as DICOM"):
         build_volume_from_files([bad])
+
+
+def test_no_full_copy_while_building(tmp_path: Path) -> None:
+    # numpy allocations are traced; the output lives in SimpleITK's own buffer (not traced),
+    # so a full-size numpy copy of the volume anywhere in the build would show here.
+    import tracemalloc
+
+    uid = generate_uid()
+    datasets = [
+        _slice(uid, (0.0, 0.0, float(k)), k, rows=512, columns=512, instance=k + 1)
+        for k in range(20)
+    ]
+    paths = _write(tmp_path, datasets)
+    volume_bytes = 20 * 512 * 512 * 2
+    tracemalloc.start()
+    try:
+        vol = build_volume_from_files(paths)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert vol.image.GetPixelID() == sitk.sitkInt16
+    assert sitk.GetArrayViewFromImage(vol.image)[19, 5, 5] == 19
+    assert peak < 0.5 * volume_bytes, f"traced peak {peak} bytes for a {volume_bytes}-byte volume"

@@ -217,3 +217,26 @@ def _card(role: dict[str, Any]) -> ModelCard:
             "runtime": {"format": "torchscript", "weights": "w.pt", "sha256": "0" * 64},
         }
     )
+
+
+def test_series_fills_one_role_per_rule(
+    tmp_path: Path, isles: tuple[str, dict[str, list[Path]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, files = isles
+    loose = {
+        "name": "loose",
+        "models": ["m"],
+        "roles": {
+            "first": {"tag": "Modality", "equals": "MR"},
+            "second": {"tag": "Modality", "equals": "MR"},
+        },
+    }
+    tracker = StudyTracker(Store(tmp_path / "aenode.db"), _rules(loose), {}, timeout=120.0)
+    assert tracker.on_series(*_series(files["dwi"]), now=T0) == []
+    assert "series matches roles first, second of rule loose; it fills first only" in caplog.text
+    # the same series again does not take the second role too
+    assert tracker.on_series(*_series(files["dwi"]), now=T0 + 1) == []
+    jobs = tracker.on_series(*_series(files["adc"]), now=T0 + 2)
+    assert [(j.inputs["first"].description, j.inputs["second"].description) for j in jobs] == [
+        ("DWI", "ADC")
+    ]

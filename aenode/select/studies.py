@@ -225,6 +225,12 @@ class StudyTracker:
         -------
         list of Job
             The jobs newly recorded (a series handed in again yields none twice).
+
+        Notes
+        -----
+        A series fills at most one role of a study rule, so that it never feeds two inputs
+        of one model: when it matches several, the first one not yet filled by another
+        series (in the rule's order) is taken, with a warning.
         """
         now = time.time() if now is None else now
         count = len(series.files) if count is None else count
@@ -235,17 +241,46 @@ class StudyTracker:
             return []
         jobs: list[Job] = []
         with self.store.transaction() as conn:
+            study_roles: dict[str, tuple[Rule, list[str]]] = {}
             for rule, role in matches:
-                if role is None:
-                    for model in rule.models:
-                        job = self._record(
-                            conn, rule, model, series.study_uid, {SERIES_ROLE: series}, now
-                        )
-                        if job is not None:
-                            jobs.append(job)
+                if role is not None:
+                    study_roles.setdefault(rule.name, (rule, []))[1].append(role)
                     continue
+                for model in rule.models:
+                    job = self._record(
+                        conn, rule, model, series.study_uid, {SERIES_ROLE: series}, now
+                    )
+                    if job is not None:
+                        jobs.append(job)
+            for rule, roles in study_roles.values():
+                role = self._pick_role(conn, rule, roles, series)
                 jobs.extend(self._fill_role(conn, rule, role, series, now))
         return jobs
+
+    def _pick_role(
+        self, conn: sqlite3.Connection, rule: Rule, roles: list[str], series: SeriesInfo
+    ) -> str:
+        """One role per series and rule: the first matching role not yet filled."""
+        if len(roles) == 1:
+            return roles[0]
+        filled = {
+            r["role"]: r["series_uid"]
+            for r in conn.execute(
+                "SELECT role, series_uid FROM select_roles WHERE rule=? AND study_uid=?",
+                (rule.name, series.study_uid),
+            )
+        }
+        free = [r for r in roles if filled.get(r, series.series_uid) == series.series_uid]
+        role = (free or roles)[0]
+        log.warning(
+            "series matches roles %s of rule %s; it fills %s only (make the roles' "
+            "conditions exclusive)",
+            ", ".join(roles),
+            rule.name,
+            role,
+            extra={"study": series.study_uid, "series": series.series_uid},
+        )
+        return role
 
     def _fill_role(
         self, conn: sqlite3.Connection, rule: Rule, role: str, series: SeriesInfo, now: float

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pydicom
 from pydicom import Dataset
 
 from aenode.records import Job, SeriesInfo
@@ -203,7 +204,7 @@ class StudyTracker:
     def on_series(
         self,
         series: SeriesInfo,
-        header: Dataset,
+        header: Dataset | None = None,
         *,
         count: int | None = None,
         now: float | None = None,
@@ -214,8 +215,8 @@ class StudyTracker:
         ----------
         series : SeriesInfo
             The complete series (one revision).
-        header : pydicom.Dataset
-            One of its instances' headers.
+        header : pydicom.Dataset or None
+            One of its instances' headers; None reads the first file's.
         count : int or None
             Instances in the series; defaults to ``len(series.files)``.
         now : float or None
@@ -234,6 +235,10 @@ class StudyTracker:
         """
         now = time.time() if now is None else now
         count = len(series.files) if count is None else count
+        if header is None:
+            if not series.files:
+                raise ValueError(f"series {series.series_uid}: no files to read a header from")
+            header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
         extra = {"study": series.study_uid, "series": series.series_uid}
         matches = match_series(self.rules, header, count)
         if not matches:

@@ -398,3 +398,48 @@ def test_tester_reports_study_roles(
             "missing": ["flair"],
         }
     ]
+
+
+def test_enhanced_header_orientation_and_slices() -> None:
+    ds = Dataset()
+    ds.Modality = "MR"
+    ds.NumberOfFrames = 40
+    plane = Dataset()
+    plane.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    shared = Dataset()
+    shared.PlaneOrientationSequence = [plane]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    assert slice_orientation(ds) == "sagittal"
+    rule = _one({"all": [{"orientation": "sagittal"}, {"slices": {"min": 30}}]})
+    assert evaluate(rule, ds, 1).matched
+    assert evaluate(_one({"instances": {"min": 30}}), ds, 1).reason == (
+        "1 instances, fewer than 30"
+    )
+
+
+def test_yaml_study_rule_loads(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        """
+selection:
+  study_timeout_seconds: 30
+  rules:
+    - name: stroke
+      models: [stroke]
+      roles:
+        dwi:
+          all:
+            - {tag: Modality, equals: MR}
+            - {tag: ImageType, contains: DIFFUSION}
+            - not: {tag: SeriesDescription, regex: ".*ADC.*", ignore_case: true}
+        adc: {tag: SeriesDescription, regex: ".*ADC.*", ignore_case: true}
+        flair:
+          any:
+            - {tag: SeriesDescription, regex: ".*FLAIR.*"}
+            - {tag: SequenceName, one_of: ["*tir2d1_18", "*tir2d1rr21"]}
+"""
+    )
+    settings = load_settings(cfg, environ={})
+    assert settings.selection.study_timeout_seconds == 30
+    (rule,) = compile_rules(settings.selection.rules, known_models={"stroke"})
+    assert rule.is_study and list(rule.roles) == ["dwi", "adc", "flair"]

@@ -131,8 +131,16 @@ def _child(mode: str, folder: str, series_uid: str, list_file: str) -> None:
 
 def _run(mode: str, folder: Path, series_uid: str, list_file: Path) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.volume", "--child", mode, str(folder), series_uid,
-         str(list_file)],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.volume",
+            "--child",
+            mode,
+            str(folder),
+            series_uid,
+            str(list_file),
+        ],  # fmt: skip
         cwd=ROOT,
         capture_output=True,
         text=True,

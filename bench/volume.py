@@ -140,7 +140,7 @@ def _run(mode: str, folder: Path, series_uid: str, list_file: Path) -> dict[str,
             str(folder),
             series_uid,
             str(list_file),
-        ],  # fmt: skip
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

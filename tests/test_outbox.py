@@ -240,9 +240,9 @@ def test_partial_failure_resends_only_the_rest(store: Store, make_results, tmp_p
 
 @pytest.mark.network
 def test_orthanc_outage_retried_none_twice(
-    orthanc_server: Orthanc,
+    orthanc_server: Orthanc,  # noqa: F811 (the imported fixture)
     store: Store,
-    make_results,  # noqa: F811
+    make_results,
 ) -> None:
     settings = export_settings(
         (orthanc_server.dicom_port, "ORTHANC"), initial=0.2, maximum=0.5, give_up=120

@@ -7,8 +7,11 @@ The mask is synthetic: two boxes labelled 1 (anterior) and 2 (posterior).
 from __future__ import annotations
 
 import copy
+import glob
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -334,3 +337,37 @@ def test_dciodvfy_reports_no_errors(written, index: int) -> None:
     )
     errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
     assert errors == []
+
+
+def _dcmqi_tool() -> str | None:
+    venv_bin = Path(sys.executable).parent
+    return shutil.which("segimage2itkimage", path=f"{venv_bin}:{os.environ.get('PATH', '')}")
+
+
+@pytest.mark.skipif(_dcmqi_tool() is None, reason="dcmqi not installed (pip install dcmqi)")
+def test_dcmqi_reads_our_seg_back_as_the_mask(written, hippo: Volume, tmp_path: Path) -> None:
+    result, mask = written
+    proc = subprocess.run(
+        [
+            str(_dcmqi_tool()),
+            "--inputDICOM",
+            str(result.files[0]),
+            "--outputDirectory",
+            str(tmp_path),
+            "-t",
+            "nrrd",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    outputs = sorted(glob.glob(str(tmp_path / "*.nrrd")))
+    assert len(outputs) == 2, outputs
+    for label, path in enumerate(outputs, start=1):
+        image = sitk.ReadImage(path)
+        # dcmqi's volume may cover only the non-empty frames: compare on our grid
+        on_grid = sitk.Resample(
+            image, hippo.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+        )
+        assert np.array_equal(sitk.GetArrayFromImage(on_grid) > 0, mask == label), path

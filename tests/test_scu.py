@@ -101,12 +101,18 @@ def test_unreadable_file_is_a_failure(tmp_path: Path) -> None:
 class FakeSCP:
     """A pynetdicom SCP with one behaviour for every C-STORE (a test double of a PACS)."""
 
-    def __init__(self, contexts: list[str], behaviour: str) -> None:
+    def __init__(
+        self, contexts: list[str], behaviour: str, syntaxes: list[str] | None = None
+    ) -> None:
         self.port = free_port()
         self.behaviour = behaviour
+        self.received: list[pydicom.Dataset] = []
         ae = AE(ae_title="FAKE")
         for cx in contexts:
-            ae.add_supported_context(cx)
+            if syntaxes is None:
+                ae.add_supported_context(cx)
+            else:
+                ae.add_supported_context(cx, syntaxes)
         self.ae = ae
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
@@ -122,6 +128,9 @@ class FakeSCP:
             return 0x0000
         if self.behaviour == "stall":
             time.sleep(3)
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
         return 0x0000
 
     def stop(self) -> None:
@@ -201,3 +210,41 @@ def test_echo_and_command(storescp, capsys: pytest.CaptureFixture[str]) -> None:
     assert not echo("127.0.0.1", closed, "X", "AENODE", 2)
     assert cli_main(["echo", "127.0.0.1", str(closed)]) == 1
     assert f"ANY-SCP@127.0.0.1:{closed}" in capsys.readouterr().out
+
+
+@pytest.mark.network
+def test_every_transfer_syntax_arrives_as_is(storescp, data_dir: Path) -> None:
+    """dcm-qa-ts: one real MR image in 9 transfer syntaxes, sent with their own syntax."""
+    port, out = storescp
+    files = sorted((data_dir / "dcm-qa-ts").glob("*.dcm"))
+    outcome = send_files(dest(port), files, calling_ae="AENODE", timeout=30)
+    assert outcome.ok, outcome
+    sent = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in files}
+    received = [pydicom.dcmread(p) for p in out.iterdir()]
+    assert len(received) == 9
+    for ds in received:
+        original = sent[ds.SOPInstanceUID]
+        assert ds.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert ds == original
+
+
+@pytest.mark.network
+def test_reencoded_when_only_implicit_is_accepted(fake, data_dir: Path) -> None:
+    scp = FakeSCP([MRImageStorage], "ok", syntaxes=[pydicom.uid.ImplicitVRLittleEndian])
+    fake.append(scp)
+    qa = data_dir / "dcm-qa-ts"
+    explicit, big, jpeg = qa / "1.dcm", qa / "3.dcm", qa / "5.dcm"
+    outcome = send_files(
+        dest(scp.port, "FAKE"), [explicit, big, jpeg], calling_ae="AENODE", timeout=10
+    )
+    assert not outcome.ok
+    jpeg_uid = pydicom.dcmread(jpeg).SOPInstanceUID
+    assert outcome.failed == {
+        jpeg_uid: f"FAKE@127.0.0.1:{scp.port}: transfer syntax 1.2.840.10008.1.2.4.70 of 5.dcm "
+        "not accepted for SOP class 1.2.840.10008.5.1.4.1.1.4"
+    }
+    assert len(outcome.sent) == 2
+    reference = pydicom.dcmread(explicit).pixel_array
+    for ds in scp.received:
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+        assert (ds.pixel_array == reference).all()

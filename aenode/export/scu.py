@@ -1,9 +1,10 @@
 """C-STORE and C-ECHO as a service user, with a typed outcome that cannot pass for success.
 
-One association per call; TCP_NODELAY is set on its socket (pynetdicom never sets it, and
-without it every C-STORE stalls about 40 ms on Nagle's algorithm). pynetdicom answers an
-empty Dataset on timeout or abort: that, a failure status, a rejected presentation context
-or a dropped association are all failures naming the peer and the SOP Instance UID.
+:func:`send_files` sends a job's files over one association (TCP_NODELAY, a presentation
+context per SOP class and transfer syntax) through :mod:`aenode.export.association`, which
+sends the files' bytes as they are; a failure status, a timeout, an abort, a rejected
+context or a dropped connection are all failures naming the peer and the SOP Instance UID.
+:func:`echo` uses pynetdicom.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
+import numpy as np
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association
-from pynetdicom.presentation import PresentationContext
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from aenode.config import DestinationSettings, Settings
+from aenode.export.association import AssociationError, Context, StoreAssociation, StoreResponse
 
 __all__ = ["SendOutcome", "command_echo", "echo", "echo_reason", "send_files"]
 
@@ -61,6 +66,7 @@ class _Item:
     sop_class: UID
     sop_instance: UID
     syntax: UID
+    offset: int
 
 
 def _peer(destination: DestinationSettings) -> str:
@@ -73,81 +79,135 @@ def _no_delay(assoc: Association) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _HeldCheckpoint(threading.Event):
+    """An event whose ``set()`` is ignored until :meth:`resume` (keeps a reactor paused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held = True
+
+    def set(self) -> None:
+        if not self._held:
+            super().set()
+
+    def resume(self) -> None:
+        self._held = False
+        super().set()
+
+
+def _pause_reactor(assoc: Association) -> _HeldCheckpoint | None:
+    """Keep a pynetdicom association's reactor thread paused while we use it.
+
+    pynetdicom pauses its reactor around each request with a check that can pass while the
+    reactor is already past its checkpoint; with a fast peer the reactor then takes the
+    response off the queue ("Received unexpected ... service message") and the request
+    times out. Nothing has been sent yet when this runs, so the reactor has nothing to take
+    before it blocks. Returns None (no workaround) if pynetdicom's internals differ from 3.0.
+    """
+    if not hasattr(assoc, "_reactor_checkpoint") or not hasattr(assoc, "_is_paused"):
+        return None
+    held = _HeldCheckpoint()
+    assoc._reactor_checkpoint = held
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        if assoc._is_paused:
+            time.sleep(0.005)  # one more reactor loop: it must now be blocked on `held`
+            if assoc._is_paused:
+                break
+        time.sleep(0.0005)
+    return held
+
+
 def _read_headers(files: Sequence[Path], outcome: SendOutcome) -> list[_Item]:
     items = []
     for path in files:
         try:
-            meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            meta, offset = split_dataset(Path(path))
             items.append(
                 _Item(
                     path=Path(path),
-                    sop_class=UID(meta.file_meta.MediaStorageSOPClassUID),
-                    sop_instance=UID(meta.file_meta.MediaStorageSOPInstanceUID),
-                    syntax=UID(meta.file_meta.TransferSyntaxUID),
+                    sop_class=UID(meta.MediaStorageSOPClassUID),
+                    sop_instance=UID(meta.MediaStorageSOPInstanceUID),
+                    syntax=UID(meta.TransferSyntaxUID),
+                    offset=offset,
                 )
             )
-        except (OSError, InvalidDicomError, AttributeError, KeyError) as exc:
+        except (OSError, InvalidDicomError, AttributeError, KeyError, ValueError) as exc:
             outcome.failed[str(path)] = f"{path}: not a readable DICOM Part 10 file: {exc}"
     return items
 
 
-def _contexts(items: Sequence[_Item]) -> list[PresentationContext]:
+def _contexts(items: Sequence[_Item]) -> list[tuple[str, str]]:
     """One context per (SOP class, transfer syntax): the file's own, explicit and implicit LE."""
-    seen: list[tuple[UID, UID]] = []
+    seen: list[tuple[str, str]] = []
     for item in items:
         for syntax in (item.syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
             if (item.sop_class, syntax) not in seen:
-                seen.append((item.sop_class, syntax))
-    contexts = []
-    for sop_class, syntax in seen[:_MAX_CONTEXTS]:
-        cx = PresentationContext()
-        cx.abstract_syntax = sop_class
-        cx.transfer_syntax = [syntax]
-        contexts.append(cx)
-    return contexts
+                seen.append((str(item.sop_class), str(syntax)))
+    return seen[:_MAX_CONTEXTS]
 
 
-def _accepted_syntaxes(assoc: Association, sop_class: UID) -> set[str]:
-    return {
-        str(cx.transfer_syntax[0])
-        for cx in assoc.accepted_contexts
-        if cx.abstract_syntax == sop_class and cx.transfer_syntax
-    }
+_WORD_SIZES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 
 
-def _store_one(assoc: Association, item: _Item, msg_id: int, peer: str) -> str | None:
-    """Send one file; None on success, else the reason."""
-    accepted = _accepted_syntaxes(assoc, item.sop_class)
-    if not accepted:
-        return f"{peer}: no accepted presentation context for SOP class {item.sop_class}"
-    if item.syntax in accepted:
-        payload: Path | object = item.path
-    elif item.syntax.is_compressed:
-        return (
-            f"{peer}: transfer syntax {item.syntax} of {item.path.name} not accepted "
-            f"for SOP class {item.sop_class}"
-        )
-    else:
-        payload = dcmread(item.path)  # pynetdicom converts between uncompressed syntaxes
-    try:
-        status = assoc.send_c_store(payload, msg_id=msg_id)  # type: ignore[arg-type]
-    except (ValueError, AttributeError, OSError) as exc:
-        return f"{peer}: C-STORE of {item.sop_instance} not sent: {exc}"
-    if "Status" not in status:
-        return f"{peer}: no C-STORE response for {item.sop_instance} (timeout or aborted)"
-    code = int(status.Status)
-    if code == 0x0000:
+def _swap_bulk_to_little_endian(ds: Dataset) -> str | None:
+    """Byte-swap raw OW/OL/OF/OD/OV values read from big endian data, in place.
+
+    pydicom re-encodes parsed values in the target byte order but writes such raw bytes
+    as they are, which would corrupt 16-bit pixel data sent as little endian.
+    """
+    for elem in ds.iterall():
+        width = _WORD_SIZES.get(str(elem.VR))
+        if width is None or not isinstance(elem.value, bytes):
+            continue
+        if len(elem.value) % width:
+            return f"{elem.keyword or elem.tag} has {len(elem.value)} bytes, not words of {width}"
+        elem.value = np.frombuffer(elem.value, dtype=f">u{width}").astype(f"<u{width}").tobytes()
+    return None
+
+
+def _encoded(assoc: StoreAssociation, item: _Item) -> tuple[Context, bytes] | str:
+    """The context to use and the dataset bytes in its syntax, or why the file cannot go."""
+    cx = assoc.context_for(item.sop_class, [item.syntax])
+    if cx is not None:
+        with open(item.path, "rb") as fh:
+            fh.seek(item.offset)
+            return cx, fh.read()
+    if item.syntax.is_compressed:
+        if assoc.context_for(item.sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]):
+            return (
+                f"{assoc.peer}: transfer syntax {item.syntax} of {item.path.name} not accepted "
+                f"for SOP class {item.sop_class}"
+            )
+        return f"{assoc.peer}: no accepted presentation context for SOP class {item.sop_class}"
+    cx = assoc.context_for(item.sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    if cx is None:
+        return f"{assoc.peer}: no accepted presentation context for SOP class {item.sop_class}"
+    syntax = UID(cx.transfer_syntax)
+    ds = dcmread(item.path)
+    if not item.syntax.is_little_endian:
+        problem = _swap_bulk_to_little_endian(ds)
+        if problem is not None:
+            return f"{assoc.peer}: {item.path.name} cannot be converted from big endian: {problem}"
+    data = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian)
+    if data is None:
+        return f"{assoc.peer}: {item.path.name} cannot be encoded as {syntax.name}"
+    return cx, data
+
+
+def _status_reason(peer: str, uid: str, response: StoreResponse) -> str | None:
+    if response.status == 0x0000:
         return None
-    if code in _WARNINGS:
+    if response.status in _WARNINGS:
         log.warning(
             "C-STORE warning status 0x%04X from %s",
-            code,
+            response.status,
             peer,
-            extra={"sop_uid": str(item.sop_instance), "peer_ae": peer},
+            extra={"sop_uid": uid, "peer_ae": peer},
         )
         return None
-    comment = f" ({status.ErrorComment})" if "ErrorComment" in status else ""
-    return f"{peer}: C-STORE of {item.sop_instance} failed with status 0x{code:04X}{comment}"
+    comment = f" ({response.error_comment})" if response.error_comment else ""
+    return f"{peer}: C-STORE of {uid} failed with status 0x{response.status:04X}{comment}"
 
 
 def send_files(
@@ -158,6 +218,9 @@ def send_files(
     timeout: float,
 ) -> SendOutcome:
     """Send Part 10 files to one destination over a single association.
+
+    The files' bytes go as they are when the peer accepts their transfer syntax; otherwise
+    uncompressed data are re-encoded as explicit or implicit VR little endian.
 
     Parameters
     ----------
@@ -181,44 +244,55 @@ def send_files(
     if not items:
         outcome.ok = not outcome.failed
         return outcome
-    ae = AE(ae_title=calling_ae)
-    ae.requested_contexts = _contexts(items)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        rejected = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
-        if assoc.is_rejected:
-            outcome.error = f"{peer}: association rejected"
-        elif rejected and not assoc.accepted_contexts:
-            outcome.error = (
-                f"{peer}: no presentation context accepted (SOP classes {', '.join(rejected)})"
-            )
-        elif assoc.is_aborted:
-            outcome.error = f"{peer}: association aborted (or could not connect)"
-        else:
-            outcome.error = f"{peer}: could not associate (connection refused or timed out)"
+    contexts = _contexts(items)
+    try:
+        assoc = StoreAssociation(
+            destination.host,
+            destination.port,
+            destination.ae_title,
+            calling_ae,
+            contexts,
+            timeout,
+        )
+    except AssociationError as exc:
+        outcome.error = str(exc)
         for item in items:
             outcome.failed[str(item.sop_instance)] = outcome.error
         log.warning("export failed: %s", outcome.error, extra={"peer_ae": peer})
         return outcome
-    _no_delay(assoc)
+    if not any(cx.accepted for cx in assoc.contexts):
+        classes = sorted({a for a, _ in contexts})
+        outcome.error = (
+            f"{peer}: no presentation context accepted (SOP classes {', '.join(classes)})"
+        )
     try:
         for msg_id, item in enumerate(items, start=1):
             uid = str(item.sop_instance)
-            if not assoc.is_established:
-                outcome.error = outcome.error or f"{peer}: association dropped during the transfer"
+            if outcome.error is not None:
                 outcome.failed[uid] = outcome.error
                 continue
-            reason = _store_one(assoc, item, msg_id % 65536, peer)
+            prepared = _encoded(assoc, item)
+            if isinstance(prepared, str):
+                reason: str | None = prepared
+            else:
+                cx, data = prepared
+                try:
+                    response = assoc.store(cx, item.sop_class, uid, data, msg_id % 65536)
+                except AssociationError as exc:
+                    outcome.error = f"{exc}; no C-STORE response for {uid} (timeout or aborted)"
+                    reason = outcome.error
+                else:
+                    reason = _status_reason(peer, uid, response)
             if reason is None:
                 outcome.sent.append(uid)
             else:
                 outcome.failed[uid] = reason
                 log.warning("C-STORE failed: %s", reason, extra={"sop_uid": uid, "peer_ae": peer})
     finally:
-        if assoc.is_established:
+        if outcome.error is None:
             assoc.release()
+        else:
+            assoc.abort()
     outcome.ok = not outcome.failed and outcome.error is None
     return outcome
 
@@ -235,12 +309,15 @@ def echo_reason(
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
         return f"{peer}: association {'rejected' if assoc.is_rejected else 'failed'}"
+    _no_delay(assoc)
+    held = _pause_reactor(assoc)
     try:
-        _no_delay(assoc)
         status = assoc.send_c_echo()
     finally:
         if assoc.is_established:
             assoc.release()
+        if held is not None:
+            held.resume()
     if "Status" not in status:
         return f"{peer}: no C-ECHO response (timeout or aborted)"
     if int(status.Status) != 0:

@@ -243,6 +243,7 @@ def test_orthanc_outage_retried_none_twice(
     orthanc_server: Orthanc,  # noqa: F811 (the imported fixture)
     store: Store,
     make_results,
+    data_dir: Path,
 ) -> None:
     settings = export_settings(
         (orthanc_server.dicom_port, "ORTHANC"), initial=0.2, maximum=0.5, give_up=120
@@ -286,3 +287,8 @@ def test_orthanc_outage_retried_none_twice(
     changes = orthanc_server.get_json("/changes?limit=1000")["Changes"]
     new_instances = [c for c in changes if c["ChangeType"] == "NewInstance"]
     assert len(new_instances) == 6  # each object stored exactly once
+    # the fixture's upload helper: a source instance of the same study joins it
+    source = sorted((data_dir / HIPPO).glob("*.dcm"))[0]
+    uploaded = orthanc_server.upload(source)
+    assert orthanc_server.instance_tags(uploaded)["SeriesDescription"] == "HippoCrop"
+    assert len(orthanc_server.study_instances(study)) == 7

@@ -248,3 +248,35 @@ def test_reencoded_when_only_implicit_is_accepted(fake, data_dir: Path) -> None:
     for ds in scp.received:
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
         assert (ds.pixel_array == reference).all()
+
+
+def test_store_command_decodes_as_c_store_rq() -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    from aenode.export.association import parse_command, store_command
+
+    raw = store_command("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", 7)
+    ds = read_dataset(DicomBytesIO(raw), is_implicit_VR=True, is_little_endian=True)
+    assert ds.CommandGroupLength == len(raw) - 12
+    assert (ds.CommandField, ds.MessageID, ds.CommandDataSetType) == (0x0001, 7, 0x0000)
+    assert ds.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.4"
+    assert ds.AffectedSOPInstanceUID == "1.2.3.45"  # padded with one NUL, read back without
+    fields = parse_command(raw)
+    assert fields[0x1000] == b"1.2.3.45"
+    assert fields[0x0110] == (7).to_bytes(2, "little")
+
+
+@pytest.mark.network
+def test_rejected_association_names_the_reason(fake, data_dir: Path) -> None:
+    scp = FakeSCP([MRImageStorage], "ok")
+    scp.ae.require_called_aet = True  # FAKE only
+    fake.append(scp)
+    outcome = send_files(
+        dest(scp.port, "WRONG"), hippo_files(data_dir)[:1], calling_ae="AENODE", timeout=5
+    )
+    assert not outcome.ok
+    assert outcome.error == (
+        f"WRONG@127.0.0.1:{scp.port}: association rejected permanently: "
+        "called AE title not recognized"
+    )

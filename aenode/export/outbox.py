@@ -336,7 +336,15 @@ class Outbox:
         """
         self.recover()
         while not stop.is_set():
-            handled = self.run_due()
+            try:
+                handled = self.run_due()
+            except sqlite3.Error:
+                # The store is busy or failing: the rows stay in it; hand back those this
+                # loop had claimed and try again after a pause.
+                log.exception("export round failed on the store; retrying")
+                stop.wait(poll_seconds)
+                self.recover()
+                continue
             if handled:
                 continue
             due = self.next_due()

@@ -43,6 +43,7 @@ class SeriesReport:
     instances: int
     first_file: Path
     header: Dataset = field(repr=False)
+    files: list[Path] = field(default_factory=list, repr=False)
     matches: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
 
@@ -112,9 +113,11 @@ def scan(paths: Sequence[Path]) -> tuple[list[SeriesReport], list[str]]:
                 instances=1,
                 first_file=path,
                 header=ds,
+                files=[path],
             )
         else:
             report.instances += 1
+            report.files.append(path)
     return list(found.values()), skipped
 
 

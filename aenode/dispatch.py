@@ -1,0 +1,85 @@
+"""Complete series -> jobs: the selection stage as it runs inside ``aenode serve``.
+
+Claims each ``series.complete`` hand-over from the durable queue, reads one header of the
+series, and lets the :class:`~aenode.select.studies.StudyTracker` record the jobs its rules
+make (series rules at once, study rules when every role has a series or after the study
+timeout). Jobs land in the store's ``jobs`` table, which is the job workers' queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from aenode.assemble import SERIES_TOPIC, series_info_from_payload
+from aenode.records import Job
+from aenode.select.studies import StudyTracker
+from aenode.store import Store
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Turns complete series into recorded jobs.
+
+    Parameters
+    ----------
+    store : Store
+        The node's store.
+    tracker : StudyTracker
+        Compiled rules and study-role state.
+    poll_seconds : float
+        Wait between empty polls of the queue.
+    """
+
+    def __init__(self, store: Store, tracker: StudyTracker, poll_seconds: float) -> None:
+        self.store = store
+        self.tracker = tracker
+        self.poll_seconds = poll_seconds
+        self.wakeup = threading.Event()
+
+    def step(self, now: float | None = None) -> list[Job]:
+        """Handle one queued series (if any) and the study timeouts that are due.
+
+        Returns
+        -------
+        list of Job
+            The jobs recorded in this step.
+        """
+        jobs = self.tracker.due(now)
+        item = self.store.claim(SERIES_TOPIC)
+        if item is None:
+            return jobs
+        series = series_info_from_payload(item.payload)
+        ctx = {"study": series.study_uid, "series": series.series_uid}
+        if not series.files:
+            self.store.nack(item.id, "series has no spooled files")
+            log.error("series handed on without files; left failed in the queue", extra=ctx)
+            return jobs
+        try:
+            header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+        except (OSError, InvalidDicomError) as exc:
+            reason = f"{series.files[0]}: cannot read header: {exc}"
+            self.store.nack(item.id, reason)
+            log.error("selection skipped: %s", reason, extra=ctx)
+            return jobs
+        new = self.tracker.on_series(series, header, now=now)
+        self.store.ack(item.id)
+        return jobs + new
+
+    def run(self, stop: threading.Event) -> None:
+        """Loop until ``stop`` is set."""
+        while not stop.is_set():
+            jobs = self.step(time.time())
+            if jobs:
+                self.wakeup.set()
+            elif not self.store.execute(
+                "SELECT 1 FROM queue WHERE topic=? AND state='ready' LIMIT 1", (SERIES_TOPIC,)
+            ):
+                stop.wait(self.poll_seconds)

@@ -276,6 +276,8 @@ def build_ae(settings: Settings, receivers: int) -> AE:
     node = settings.node
     # Process-wide in pynetdicom; each receiving process is ours alone.
     _config.UNRESTRICTED_STORAGE_SERVICE = node.accept_unknown_storage
+    # No per-PDU debug formatting on the hot path (aenode logs what matters itself).
+    _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=node.ae_title)
     ae.supported_contexts = _contexts(node.accept_unknown_storage)
     ae.require_called_aet = node.check_called_ae
@@ -315,7 +317,10 @@ def serve_receiver(
         If the port cannot be bound; the message names the address.
     """
     root = Path(settings.storage.path)
-    store = Store(root / "aenode.db", durable=settings.storage.fsync)
+    # The spool file is the durability point (fsynced with its folder entry); a store row
+    # lost to a power cut is rebuilt from it by recover_spool at start-up, so the store can
+    # commit without its own fsync (WAL, synchronous=NORMAL: a crash loses no commit).
+    store = Store(root / "aenode.db")
     receiver = Receiver(settings=settings, store=store, spool=Spool(settings, store))
     ae = build_ae(settings, receivers)
     handlers: list[EventHandlerType] = [

@@ -23,9 +23,14 @@ __all__ = [
     "Context",
     "StoreAssociation",
     "StoreResponse",
+    "echo_command",
+    "parse_command",
+    "store_command",
 ]
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 IMPLEMENTATION_UID = b"1.2.826.0.1.3680043.10.1467.1"  # aenode's implementation class
 IMPLEMENTATION_VERSION = f"AENODE_{__version__}".encode()[:16]
 OUR_MAX_PDU = 1 << 20
@@ -90,6 +95,19 @@ def store_command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
             _element(0x0000, 0x0700, struct.pack("<H", 0x0000)),
             _element(0x0000, 0x0800, struct.pack("<H", 0x0000)),
             _element(0x0000, 0x1000, _uid(sop_instance)),
+        ]
+    )
+    return _element(0x0000, 0x0000, struct.pack("<I", len(body))) + body
+
+
+def echo_command(message_id: int) -> bytes:
+    """Encode a C-ECHO-RQ command set (implicit VR little endian)."""
+    body = b"".join(
+        [
+            _element(0x0000, 0x0002, _uid(VERIFICATION)),
+            _element(0x0000, 0x0100, struct.pack("<H", 0x0030)),
+            _element(0x0000, 0x0110, struct.pack("<H", message_id)),
+            _element(0x0000, 0x0800, struct.pack("<H", 0x0101)),
         ]
     )
     return _element(0x0000, 0x0000, struct.pack("<I", len(body))) + body
@@ -275,6 +293,61 @@ class StoreAssociation:
             chunks.append(fragment)
         return chunks
 
+    def _request(
+        self,
+        context: Context,
+        command: bytes,
+        dataset: bytes | None,
+        message_id: int,
+        name: str,
+        response_field: int,
+    ) -> StoreResponse:
+        parts = self._pdata(context.id, command, True)
+        if dataset is not None:
+            parts += self._pdata(context.id, dataset, False)
+        self._send(parts)
+        fragments = bytearray()
+        done = False
+        while not done:
+            try:
+                kind, data = self._read_pdu()
+            except AssociationError:
+                self.established = False
+                raise
+            if kind == 0x07:
+                self.established = False
+                raise AssociationError(f"{self.peer}: association aborted by the peer")
+            if kind == 0x05:
+                self.established = False
+                raise AssociationError(f"{self.peer}: peer asked to release during a {name}")
+            if kind != 0x04:
+                self.abort()
+                raise AssociationError(f"{self.peer}: unexpected PDU type 0x{kind:02X}")
+            pos = 0
+            while pos + 6 <= len(data):
+                (length,) = struct.unpack_from(">I", data, pos)
+                header = data[pos + 5]
+                if header & 0x01:  # command fragment (a response carries no dataset here)
+                    fragments += data[pos + 6 : pos + 4 + length]
+                    done = done or bool(header & 0x02)
+                pos += 4 + length
+        fields = parse_command(bytes(fragments))
+        if struct.unpack("<H", fields.get(0x0100, b"\x00\x00"))[0] != response_field:
+            self.abort()
+            raise AssociationError(f"{self.peer}: answer to {name}-RQ is not a {name}-RSP")
+        responded = struct.unpack("<H", fields.get(0x0120, b"\xff\xff"))[0]
+        if responded != message_id:
+            self.abort()
+            raise AssociationError(
+                f"{self.peer}: {name}-RSP for message {responded}, expected {message_id}"
+            )
+        if 0x0900 not in fields:
+            self.abort()
+            raise AssociationError(f"{self.peer}: {name}-RSP without a Status")
+        (status,) = struct.unpack("<H", fields[0x0900])
+        comment = fields.get(0x0902, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+        return StoreResponse(status=status, error_comment=comment)
+
     def store(
         self, context: Context, sop_class: str, sop_instance: str, dataset: bytes, message_id: int
     ) -> StoreResponse:
@@ -287,50 +360,18 @@ class StoreAssociation:
             On timeout, abort, or a protocol error (the association is then unusable).
         """
         command = store_command(sop_class, sop_instance, message_id)
-        parts = self._pdata(context.id, command, True) + self._pdata(context.id, dataset, False)
-        self._send(parts)
-        fragments = bytearray()
-        while True:
-            try:
-                kind, data = self._read_pdu()
-            except AssociationError:
-                self.established = False
-                raise
-            if kind == 0x07:
-                self.established = False
-                raise AssociationError(f"{self.peer}: association aborted by the peer")
-            if kind == 0x05:
-                self.established = False
-                raise AssociationError(f"{self.peer}: peer asked to release during a C-STORE")
-            if kind != 0x04:
-                self.abort()
-                raise AssociationError(f"{self.peer}: unexpected PDU type 0x{kind:02X}")
-            pos = 0
-            done = False
-            while pos + 6 <= len(data):
-                (length,) = struct.unpack_from(">I", data, pos)
-                header = data[pos + 5]
-                fragments += data[pos + 6 : pos + 4 + length]
-                pos += 4 + length
-                if header & 0x01 and header & 0x02:
-                    done = True
-            if done:
-                break
-        fields = parse_command(bytes(fragments))
-        if struct.unpack("<H", fields.get(0x0100, b"\x00\x00"))[0] != 0x8001:
-            self.abort()
-            raise AssociationError(f"{self.peer}: answer to C-STORE is not a C-STORE-RSP")
-        responded = struct.unpack("<H", fields.get(0x0120, b"\xff\xff"))[0]
-        if responded != message_id:
-            self.abort()
-            raise AssociationError(
-                f"{self.peer}: C-STORE-RSP for message {responded}, expected {message_id}"
-            )
-        status = struct.unpack("<H", fields[0x0900])[0] if 0x0900 in fields else -1
-        if status < 0:
-            raise AssociationError(f"{self.peer}: C-STORE-RSP without a Status")
-        comment = fields.get(0x0902, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-        return StoreResponse(status=status, error_comment=comment)
+        return self._request(context, command, dataset, message_id, "C-STORE", 0x8001)
+
+    def echo(self, context: Context, message_id: int = 1) -> StoreResponse:
+        """Send a C-ECHO-RQ on a Verification context and wait for the response.
+
+        Raises
+        ------
+        AssociationError
+            On timeout, abort, or a protocol error.
+        """
+        command = echo_command(message_id)
+        return self._request(context, command, None, message_id, "C-ECHO", 0x8030)
 
     def release(self) -> None:
         """A-RELEASE; falls back to closing the socket if the peer does not answer."""

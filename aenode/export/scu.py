@@ -4,16 +4,13 @@
 context per SOP class and transfer syntax) through :mod:`aenode.export.association`, which
 sends the files' bytes as they are; a failure status, a timeout, an abort, a rejected
 context or a dropped connection are all failures naming the peer and the SOP Instance UID.
-:func:`echo` uses pynetdicom.
+The same module answers :func:`echo` (C-ECHO).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import socket
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +19,17 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, Association
 from pynetdicom.dsutils import encode, split_dataset
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from aenode.config import DestinationSettings, Settings
-from aenode.export.association import AssociationError, Context, StoreAssociation, StoreResponse
+from aenode.export.association import (
+    IMPLICIT_VR_LE,
+    VERIFICATION,
+    AssociationError,
+    Context,
+    StoreAssociation,
+    StoreResponse,
+)
 
 __all__ = ["SendOutcome", "command_echo", "echo", "echo_reason", "send_files"]
 
@@ -71,51 +73,6 @@ class _Item:
 
 def _peer(destination: DestinationSettings) -> str:
     return f"{destination.ae_title}@{destination.host}:{destination.port}"
-
-
-def _no_delay(assoc: Association) -> None:
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _HeldCheckpoint(threading.Event):
-    """An event whose ``set()`` is ignored until :meth:`resume` (keeps a reactor paused)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._held = True
-
-    def set(self) -> None:
-        if not self._held:
-            super().set()
-
-    def resume(self) -> None:
-        self._held = False
-        super().set()
-
-
-def _pause_reactor(assoc: Association) -> _HeldCheckpoint | None:
-    """Keep a pynetdicom association's reactor thread paused while we use it.
-
-    pynetdicom pauses its reactor around each request with a check that can pass while the
-    reactor is already past its checkpoint; with a fast peer the reactor then takes the
-    response off the queue ("Received unexpected ... service message") and the request
-    times out. Nothing has been sent yet when this runs, so the reactor has nothing to take
-    before it blocks. Returns None (no workaround) if pynetdicom's internals differ from 3.0.
-    """
-    if not hasattr(assoc, "_reactor_checkpoint") or not hasattr(assoc, "_is_paused"):
-        return None
-    held = _HeldCheckpoint()
-    assoc._reactor_checkpoint = held
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        if assoc._is_paused:
-            time.sleep(0.005)  # one more reactor loop: it must now be blocked on `held`
-            if assoc._is_paused:
-                break
-        time.sleep(0.0005)
-    return held
 
 
 def _read_headers(files: Sequence[Path], outcome: SendOutcome) -> list[_Item]:
@@ -302,26 +259,23 @@ def echo_reason(
 ) -> str | None:
     """C-ECHO a peer; None on success, else why it failed (naming the peer)."""
     peer = f"{called_ae}@{host}:{port}"
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        return f"{peer}: association {'rejected' if assoc.is_rejected else 'failed'}"
-    _no_delay(assoc)
-    held = _pause_reactor(assoc)
     try:
-        status = assoc.send_c_echo()
+        assoc = StoreAssociation(
+            host, port, called_ae, calling_ae, [(VERIFICATION, IMPLICIT_VR_LE)], timeout
+        )
+    except AssociationError as exc:
+        return str(exc)
+    try:
+        cx = assoc.context_for(VERIFICATION, [IMPLICIT_VR_LE])
+        if cx is None:
+            return f"{peer}: Verification not accepted"
+        response = assoc.echo(cx)
+    except AssociationError as exc:
+        return f"{exc}; no C-ECHO response (timeout or aborted)"
     finally:
-        if assoc.is_established:
-            assoc.release()
-        if held is not None:
-            held.resume()
-    if "Status" not in status:
-        return f"{peer}: no C-ECHO response (timeout or aborted)"
-    if int(status.Status) != 0:
-        return f"{peer}: C-ECHO status 0x{int(status.Status):04X}"
+        assoc.release()
+    if response.status != 0x0000:
+        return f"{peer}: C-ECHO status 0x{response.status:04X}"
     return None
 
 

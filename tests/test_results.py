@@ -371,3 +371,21 @@ def test_dcmqi_reads_our_seg_back_as_the_mask(written, hippo: Volume, tmp_path: 
             image, hippo.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
         )
         assert np.array_equal(sitk.GetArrayFromImage(on_grid) > 0, mask == label), path
+
+
+def test_seg_from_the_pipeline_volume_builder(data_dir: Path, card: ModelCard, tmp_path: Path):
+    """The same round trip on a Volume made by aenode.volume (the pipeline's builder)."""
+    volume_mod = pytest.importorskip("aenode.volume")
+    volume = volume_mod.build_volume_from_files(sorted((data_dir / HIPPO).glob("*.dcm")))
+    mask = box_mask(volume)
+    seg = build_seg(volume, prediction_for(volume, mask), card, ResultsSettings())
+    seg.save_as(tmp_path / "seg.dcm")
+    back = hd.seg.segread(tmp_path / "seg.dcm")
+    uids = [str(d.SOPInstanceUID) for d in volume.datasets]
+    pixels = back.get_pixels_by_source_instance(uids, ignore_spatial_locations=False)
+    assert np.array_equal(pixels[..., 0], mask == 1)
+    assert np.array_equal(pixels[..., 1], mask == 2)
+    # slice i of the volume is at ImagePositionPatient of datasets[i]
+    for i, ds in enumerate(volume.datasets):
+        point = volume.image.TransformIndexToPhysicalPoint((0, 0, i))
+        assert np.allclose(point, [float(v) for v in ds.ImagePositionPatient], atol=1e-3)

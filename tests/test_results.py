@@ -36,7 +36,7 @@ CARD = {
     "task": "segmentation",
     "description": "Anterior and posterior hippocampus on T1 MR crops",
     "intended_use": "tests",
-    "algorithm_family": {"value": "123109", "scheme": "DCM", "meaning": "Artificial Intelligence"},
+    "algorithm_family": {"value": "123110", "scheme": "DCM", "meaning": "Artificial Intelligence"},
     "inputs": {"modality": "MR"},
     "outputs": {
         "labels": [
@@ -48,7 +48,7 @@ CARD = {
                     "scheme": "SCT",
                     "meaning": "Anatomical Structure",
                 },
-                "type": {"value": "5976008", "scheme": "SCT", "meaning": "Hippocampus"},
+                "type": {"value": "5366008", "scheme": "SCT", "meaning": "Hippocampus"},
                 "color": [255, 80, 80],
             },
             {
@@ -59,7 +59,7 @@ CARD = {
                     "scheme": "SCT",
                     "meaning": "Anatomical Structure",
                 },
-                "type": {"value": "5976008", "scheme": "SCT", "meaning": "Hippocampus"},
+                "type": {"value": "5366008", "scheme": "SCT", "meaning": "Hippocampus"},
                 "color": [80, 160, 255],
             },
         ]
@@ -185,7 +185,7 @@ def test_seg_segments_carry_card_codes(written) -> None:
     labels = [s.SegmentLabel for s in seg.SegmentSequence]
     assert labels == ["anterior hippocampus", "posterior hippocampus"]
     for item in seg.SegmentSequence:
-        assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "5976008"
+        assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "5366008"
         assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         algo = item.SegmentationAlgorithmIdentificationSequence[0]

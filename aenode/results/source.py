@@ -13,6 +13,7 @@ import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 
 from aenode import __version__
 from aenode.config import ResultsSettings
@@ -77,7 +78,7 @@ def algorithm_identification(card: ModelCard) -> hd.AlgorithmIdentificationSeque
     family = (
         coded(card.algorithm_family)
         if card.algorithm_family is not None
-        else (hd.sr.CodedConcept("123109", "DCM", "Artificial Intelligence"))
+        else hd.sr.CodedConcept.from_code(codes.DCM.ArtificialIntelligence)  # DCM 123110
     )
     return hd.AlgorithmIdentificationSequence(
         name=card.name, family=family, version=card.version, source="aenode"

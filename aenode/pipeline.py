@@ -1,7 +1,11 @@
-"""Wiring of the stages for ``aenode serve``.
+"""Wiring of the stages for ``aenode serve``: one process by default.
 
-For now: start-up recovery, the receiving processes, the assembler and a stub consumer
-of ``series.complete`` that logs each handed-on series and acknowledges it.
+Start-up: recover the spool, the store's half-done work and the outbox; load and validate
+the model packages and the rules (a bad one stops start-up before anything is accepted);
+fork the receiving processes; then run, each in its own thread, the assembler (series
+completion), the dispatcher (selection: complete series -> jobs), the job workers
+(volume -> inference -> result objects -> outbox) and the outbox (C-STORE with retries).
+Stages talk only through the store, so each could later run on another machine.
 """
 
 from __future__ import annotations
@@ -9,50 +13,31 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 from types import FrameType
 
 from aenode.assemble import SERIES_TOPIC, Assembler, close_stale_associations
-from aenode.assemble import series_info_from_payload as _series_info
 from aenode.config import Settings
+from aenode.dispatch import Dispatcher
+from aenode.export.outbox import Outbox
+from aenode.infer.registry import Registry, RegistryError
+from aenode.infer.runtime import Runtime
+from aenode.jobs import JobRunner, requeue_interrupted
 from aenode.receive.spool import recover_spool
 from aenode.receive.workers import ReceiverError, ReceiverPool
+from aenode.select.rules import compile_rules
+from aenode.select.studies import StudyTracker, role_requirements
 from aenode.store import Store
 
-__all__ = ["Node", "command_serve", "consume_series_stub"]
+__all__ = ["JOB_WORKERS", "Node", "command_serve"]
+
+JOB_WORKERS = 2
+"""Job threads: one builds volumes or writes results while another waits on inference."""
 
 log = logging.getLogger(__name__)
-
-
-def consume_series_stub(store: Store, stop: threading.Event, poll_seconds: float) -> None:
-    """Claim ``series.complete`` items, log them and acknowledge them (until later stages exist).
-
-    Parameters
-    ----------
-    store : Store
-        The store.
-    stop : threading.Event
-        Set to end the loop.
-    poll_seconds : float
-        Wait between empty polls.
-    """
-    while not stop.is_set():
-        item = store.claim(SERIES_TOPIC)
-        if item is None:
-            stop.wait(poll_seconds)
-            continue
-        info = _series_info(item.payload)
-        log.info(
-            "series handed on: %s, %d instance(s), revision %d, completed by %s",
-            info.modality or "?",
-            len(info.files),
-            info.revision,
-            info.completed_by,
-            extra={"study": info.study_uid, "series": info.series_uid},
-        )
-        store.ack(item.id)
 
 
 class Node:
@@ -72,6 +57,7 @@ class Node:
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self._store: Store | None = None
+        self._runtime: Runtime | None = None
 
     def start(self) -> None:
         """Recover from a previous run, start listening, then assembly and hand-over.
@@ -80,37 +66,69 @@ class Node:
         ------
         ReceiverError
             If the port cannot be bound.
+        RegistryError
+            If a model package is invalid (missing file, checksum, card field).
+        aenode.config.ConfigError
+            If a selection rule names a model that is not loaded.
         """
+        settings = self.settings
+        # Models and rules first: a node that cannot run its models accepts nothing.
+        registry = Registry.load(settings.models)
+        rules = compile_rules(settings.selection.rules, known_models=registry.names())
+        log.info("models loaded: %s; %d selection rule(s)", registry.names(), len(rules))
         self.root.mkdir(parents=True, exist_ok=True)
         store = Store(self.db)
+        calling_ae = settings.export.calling_ae_title or settings.node.ae_title
         try:
-            report = recover_spool(store, self.settings)
+            report = recover_spool(store, settings)
             closed = close_stale_associations(store)
             requeued = store.requeue_claimed(SERIES_TOPIC)
+            jobs_again = requeue_interrupted(store)
+            sending_again = Outbox(store, settings.export, calling_ae).recover()
         finally:
             store.close()
-        if report.recovered or report.quarantined or closed or requeued:
+        if report.recovered or report.quarantined or closed or requeued or jobs_again:
             log.warning(
                 "start-up recovery: %d spool file(s) recorded, %d quarantined, %d temporary "
-                "file(s) removed, %d association(s) closed, %d series hand-over(s) requeued",
+                "file(s) removed, %d association(s) closed, %d series hand-over(s) requeued, "
+                "%d job(s) and %d export(s) resumed",
                 report.recovered,
                 report.quarantined,
                 report.removed_temporary,
                 closed,
                 requeued,
+                jobs_again,
+                sending_again,
             )
         # Fork the receivers before this process opens connections or starts threads.
         self.receivers.start()
-        self._store = Store(self.db)
-        assembler = Assembler(self._store, self.settings)
-        poll = self.settings.series.poll_seconds
+        self._store = store = Store(self.db)
+        cards = {name: registry.card(name) for name in registry.names()}
+        tracker = StudyTracker(
+            store,
+            rules,
+            role_requirements(cards),
+            timeout=settings.selection.study_timeout_seconds,
+        )
+        self._runtime = Runtime(registry, settings.runtime)
+        outbox = Outbox(store, settings.export, calling_ae)
+        runner = JobRunner(settings, store, registry, self._runtime, outbox)
+        assembler = Assembler(store, settings)
+        poll = settings.series.poll_seconds
+        dispatcher = Dispatcher(store, tracker, poll)
+        stop = self.stop_event
         self._threads = [
-            threading.Thread(target=assembler.run, args=(self.stop_event,), name="assembler"),
+            threading.Thread(target=assembler.run, args=(stop,), name="assembler"),
+            threading.Thread(target=dispatcher.run, args=(stop,), name="dispatcher"),
+            threading.Thread(target=outbox.run, args=(stop, poll), name="outbox"),
+        ]
+        self._threads += [
             threading.Thread(
-                target=consume_series_stub,
-                args=(self._store, self.stop_event, poll),
-                name="series-consumer",
-            ),
+                target=runner.run_forever,
+                args=(stop, dispatcher.wakeup, poll),
+                name=f"job-{i}",
+            )
+            for i in range(JOB_WORKERS)
         ]
         for thread in self._threads:
             thread.start()
@@ -125,7 +143,10 @@ class Node:
         self.stop_event.set()
         self.receivers.stop()
         for thread in self._threads:
-            thread.join(10)
+            thread.join(30)
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -150,6 +171,9 @@ def command_serve(args: argparse.Namespace, settings: Settings) -> int:
     except ReceiverError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    except RegistryError as exc:
+        print(f"aenode: cannot start: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     started = time.monotonic()

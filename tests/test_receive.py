@@ -44,11 +44,13 @@ class NodeProcess:
         config: dict[str, dict[str, Any]] = {
             "node": {"host": "127.0.0.1", "port": self.port, "receivers": 2},
             "storage": {"path": str(self.storage), "min_free_mb": 10},
+            "models": {"path": str(ROOT / "models")},
             "series": {"release_grace_seconds": 0.5, "poll_seconds": 0.05},
             "logging": {"level": "DEBUG"},
         }
         for section, values in (overrides or {}).items():
             config.setdefault(section, {}).update(values)
+        self.port = int(config["node"]["port"])
         self.config = tmp / "aenode.yaml"
         self.config.write_text(yaml.safe_dump(config))
         self.log = tmp / "aenode.log"

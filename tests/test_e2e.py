@@ -1,0 +1,236 @@
+"""End to end with a real Orthanc as the PACS: a study goes in, SEG/SC/SR come back.
+
+Real data: ../shared/data/udacity-mr/Study1 (5 MR series; the HippoCrop series is the one the
+default hippocampus rule selects). Orthanc routes to aenode in the two ways hospitals use:
+(a) Lua ``OnStoredInstance`` + ``SendToModality`` (one association per instance, as in the
+course's set-up) and (b) ``OnStableStudy`` posting the study to ``/modalities/aenode/store``.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from conftest import ROOT, dcmtk, free_port
+from orthanc import Orthanc
+from test_receive import DCMTK_ENV, NodeProcess
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+ROUTE_PER_INSTANCE = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if origin['RemoteAet'] ~= 'AENODE' then
+    SendToModality(instanceId, 'aenode')
+  end
+end
+"""
+
+ROUTE_STABLE_STUDY = """
+function OnStableStudy(studyId, tags, metadata)
+  local ids = {}
+  for _, i in pairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/instances'))) do
+    local ok, aet = pcall(RestApiGet, '/instances/' .. i['ID'] .. '/metadata/RemoteAET')
+    if not ok or aet ~= 'AENODE' then
+      table.insert(ids, i['ID'])
+    end
+  end
+  if #ids > 0 then
+    RestApiPost('/modalities/aenode/store', DumpJson(ids))
+  end
+end
+"""
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _setup(tmp: Path, lua: str) -> tuple[Orthanc, NodeProcess]:
+    """Orthanc routing to aenode with ``lua``; aenode (default rules) sending back to Orthanc."""
+    node_port = free_port()
+    orthanc = Orthanc(
+        tmp / "orthanc", modalities={"aenode": ("AENODE", "127.0.0.1", node_port)}, lua=lua
+    )
+    default = yaml.safe_load((ROOT / "config.yaml").read_text())
+    (tmp / "node").mkdir()
+    node = NodeProcess(
+        tmp / "node",
+        {
+            "node": {"port": node_port},
+            "selection": default["selection"],
+            "series": {"quiet_seconds": 2.0},
+            "export": {
+                "destinations": [
+                    {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
+                ],
+                "retry": {"initial_seconds": 1.0, "max_interval_seconds": 4.0},
+            },
+            "logging": {"level": "INFO"},
+        },
+    )
+    return orthanc.start(), node.start()
+
+
+def _send_study(orthanc: Orthanc, folder: Path) -> None:
+    result = subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-aec",
+            "ORTHANC",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(orthanc.dicom_port),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _results(orthanc: Orthanc, study_uid: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for inst in orthanc.study_instances(study_uid):
+        meta = orthanc.get_json(f"/instances/{inst['ID']}/metadata?expand")
+        if meta.get("RemoteAET") == "AENODE":
+            sop = orthanc.instance_tags(inst["ID"])["SOPClassUID"]
+            found.setdefault(sop, []).append(inst["ID"])
+    return found
+
+
+def _wait_results(
+    orthanc: Orthanc, node: NodeProcess, study_uid: str, timeout: float
+) -> dict[str, list[str]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = _results(orthanc, study_uid)
+        if all(k in found for k in (SEG, SC, SR)):
+            return found
+        time.sleep(0.5)
+    jobs = node.query("SELECT id, state, reason FROM jobs")
+    pytest.fail(
+        f"results not in Orthanc within {timeout} s; jobs {[dict(j) for j in jobs]}\n"
+        + node.log_text()[-4000:]
+    )
+
+
+def _download(orthanc: Orthanc, instance_id: str) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(orthanc._request("GET", f"/instances/{instance_id}/file")))
+
+
+def _sr_volumes(sr: pydicom.Dataset) -> dict[str, float]:
+    doc = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    volumes: dict[str, float] = {}
+    for group in (
+        doc.content.get_planar_roi_measurement_groups()
+        + doc.content.get_volumetric_roi_measurement_groups()
+    ):
+        name = group.tracking_identifier
+        for m in group.get_measurements():
+            if m.name.meaning == "Volume":
+                volumes[str(name)] = float(m.value)
+    return volumes
+
+
+def _check_round_trip(orthanc: Orthanc, study_dir: Path, found: dict[str, list[str]]) -> None:
+    # Exactly one of each object: the HippoCrop series only, nothing from the other four.
+    assert {k: len(v) for k, v in found.items()} == {SEG: 1, SC: 1, SR: 1}
+    crop_files = sorted((study_dir / "13_HCropVolume").glob("*.dcm"))
+    crop = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in crop_files)}
+    crop_series = next(iter(crop.values())).SeriesInstanceUID
+    seg_ds = _download(orthanc, found[SEG][0])
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    assert seg.StudyInstanceUID == next(iter(crop.values())).StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == crop_series
+    # Every frame references a HippoCrop instance and sits at that instance's position.
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        src = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert src in crop
+        pos = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(pos, [float(v) for v in crop[src].ImagePositionPatient], atol=1e-3)
+    # Per-label volumes in the SEG equal the SR's.
+    spacing = [float(v) for v in next(iter(crop.values())).PixelSpacing]
+    thickness = float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness)
+    voxel = spacing[0] * spacing[1] * thickness
+    sr_volumes = _sr_volumes(_download(orthanc, found[SR][0]))
+    assert len(sr_volumes) == 2
+    for number in seg.get_segment_numbers():
+        label = seg.get_segment_description(number).SegmentLabel
+        mask = seg.get_volume(segment_numbers=[number], combine_segments=True)
+        mm3 = float(np.count_nonzero(mask.array)) * voxel
+        assert mm3 > 100, f"{label}: {mm3} mm3"
+        match = [v for k, v in sr_volumes.items() if label in k or k in label]
+        assert match and abs(match[0] - mm3) <= 1e-3 * mm3 + 1e-6, (label, mm3, sr_volumes)
+    sc = _download(orthanc, found[SC][0])
+    assert sc.SamplesPerPixel == 3 and sc.Rows > 200
+
+
+@pytest.mark.parametrize("routing", ["stable_study", "per_instance"])
+def test_study_round_trip_through_orthanc(tmp_path: Path, data_dir: Path, routing: str) -> None:
+    lua = ROUTE_STABLE_STUDY if routing == "stable_study" else ROUTE_PER_INSTANCE
+    orthanc, node = _setup(tmp_path, lua)
+    study_dir = data_dir / "udacity-mr" / "Study1"
+    study_uid = str(
+        pydicom.dcmread(next((study_dir / "13_HCropVolume").glob("*.dcm"))).StudyInstanceUID
+    )
+    try:
+        _send_study(orthanc, study_dir)
+        found = _wait_results(orthanc, node, study_uid, timeout=120)
+        _check_round_trip(orthanc, study_dir, found)
+        jobs = node.query("SELECT * FROM jobs")
+        assert [j["model"] for j in jobs] == ["hippocampus"]
+        assert jobs[0]["state"] == "done"
+        assert all(
+            jobs[0][k]
+            for k in (
+                "t_received",
+                "t_completed",
+                "t_started",
+                "t_inferred",
+                "t_written",
+                "t_exported",
+            )
+        )
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_results_survive_a_pacs_outage(tmp_path: Path, data_dir: Path) -> None:
+    orthanc, node = _setup(tmp_path, ROUTE_STABLE_STUDY)
+    study_dir = data_dir / "udacity-mr" / "Study1"
+    study_uid = str(
+        pydicom.dcmread(next((study_dir / "13_HCropVolume").glob("*.dcm"))).StudyInstanceUID
+    )
+    try:
+        _send_study(orthanc, study_dir)
+        # Stop the PACS as soon as the job exists, so it is down when the results are ready.
+        node.wait_for(lambda: bool(node.query("SELECT id FROM jobs")), timeout=60)
+        orthanc.stop()
+        node.wait_for(
+            lambda: bool(
+                node.query("SELECT id FROM outbox WHERE attempts >= 1 AND last_error IS NOT NULL")
+            ),
+            timeout=60,
+        )
+        assert node.query("SELECT state FROM jobs")[0]["state"] == "exporting"
+        time.sleep(30)
+        orthanc.start()
+        found = _wait_results(orthanc, node, study_uid, timeout=60)
+        time.sleep(2)  # nothing more may arrive
+        found = _results(orthanc, study_uid)
+        assert {k: len(v) for k, v in found.items()} == {SEG: 1, SC: 1, SR: 1}
+        assert node.query("SELECT state FROM jobs")[0]["state"] == "done"
+    finally:
+        node.stop()
+        orthanc.stop()

@@ -1,4 +1,4 @@
-"""``aenode status``: recent series with their state and counts (jobs come later)."""
+"""``aenode status``, ``aenode jobs`` and ``aenode retry``: what the store says."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from aenode.config import Settings
 from aenode.store import Store
 
-__all__ = ["command_jobs", "command_retry", "command_status", "recent_series"]
+__all__ = ["command_jobs", "command_retry", "command_status", "recent_jobs", "recent_series"]
 
 _COLUMNS = (
     "study_uid",
@@ -26,6 +26,7 @@ _COLUMNS = (
     "first_arrival",
     "last_arrival",
     "completed_at",
+    "reason",
 )
 
 
@@ -57,31 +58,27 @@ def _when(epoch: float | None) -> str:
 
 
 def command_status(args: argparse.Namespace, settings: Settings) -> int:
-    """``aenode status [--json] [--limit N]``: print recent series.
+    """``aenode status [--json] [--limit N]``: recent series (with why one was rejected) and jobs.
 
     Returns
     -------
     int
         0; 1 if there is no store at ``storage.path``.
     """
-    db = Path(settings.storage.path) / "aenode.db"
-    if not db.is_file():
-        print(f"aenode: no store at {db} (storage.path); has the node run yet?")
+    store = _open(settings)
+    if store is None:
         return 1
-    store = Store(db)
     try:
         series = recent_series(store, args.limit)
+        jobs = recent_jobs(store, args.limit)
         queued = store.execute(
             "SELECT state, COUNT(*) AS n FROM queue WHERE topic='series.complete' GROUP BY state"
         )
     finally:
         store.close()
     if args.json:
-        print(
-            json.dumps(
-                {"series": series, "handover": {r["state"]: r["n"] for r in queued}}, indent=2
-            )
-        )
+        handover = {r["state"]: r["n"] for r in queued}
+        print(json.dumps({"series": series, "handover": handover, "jobs": jobs}, indent=2))
         return 0
     if not series:
         print("no series received yet")
@@ -99,16 +96,147 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
             f"{count:>9}  {s['modality'] or '-':4}  {s['revision']:>3}  {s['series_uid']} "
             f"{s['description'] or ''}"
         )
+        if s["reason"]:
+            print(f"{'':19}  reason: {s['reason']}")
+    for j in jobs:
+        volumes = ", ".join(f"{k} {v:.0f} mm3" for k, v in j["volumes_mm3"].items())
+        print(f"job {j['id']}: {j['model']} {j['state']} {j['reason'] or volumes}")
     return 0
 
 
+_JOB_COLUMNS = (
+    "id",
+    "rule",
+    "model",
+    "study_uid",
+    "state",
+    "reason",
+    "result_dir",
+    "t_received",
+    "t_completed",
+    "t_started",
+    "t_inferred",
+    "t_written",
+    "t_exported",
+)
+_STAGES = (
+    ("complete", "t_received", "t_completed"),
+    ("wait", "t_completed", "t_started"),
+    ("infer", "t_started", "t_inferred"),
+    ("write", "t_inferred", "t_written"),
+    ("export", "t_written", "t_exported"),
+)
+
+
+def recent_jobs(store: Store, limit: int = 50) -> list[dict[str, Any]]:
+    """The most recent jobs, newest first, with per-stage seconds.
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    limit : int
+        At most this many rows.
+
+    Returns
+    -------
+    list of dict
+        The ``jobs`` columns shown by ``aenode jobs`` plus ``stages`` (stage -> seconds,
+        for the stages that have both ends) and ``volumes_mm3`` from the findings.
+    """
+    rows = store.execute(
+        f"SELECT {', '.join(_JOB_COLUMNS)}, findings FROM jobs ORDER BY id DESC LIMIT ?",
+        (limit,),
+    )
+    jobs = []
+    for row in rows:
+        job = {key: row[key] for key in _JOB_COLUMNS}
+        job["stages"] = {
+            name: round(row[end] - row[start], 3)
+            for name, start, end in _STAGES
+            if row[start] and row[end]
+        }
+        findings = json.loads(row["findings"]) if row["findings"] else {}
+        job["volumes_mm3"] = findings.get("volumes_mm3", {})
+        jobs.append(job)
+    return jobs
+
+
+def _open(settings: Settings) -> Store | None:
+    db = Path(settings.storage.path) / "aenode.db"
+    if not db.is_file():
+        print(f"aenode: no store at {db} (storage.path); has the node run yet?")
+        return None
+    return Store(db)
+
+
 def command_jobs(args: argparse.Namespace, settings: Settings) -> int:
-    """``aenode jobs``: not yet available (the lead fills it in)."""
-    print("aenode jobs: not yet available")
-    return 1
+    """``aenode jobs [--json] [--limit N]``: jobs with their state and per-stage times.
+
+    Returns
+    -------
+    int
+        0; 1 if there is no store at ``storage.path``.
+    """
+    store = _open(settings)
+    if store is None:
+        return 1
+    try:
+        jobs = recent_jobs(store, args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"jobs": jobs}, indent=2))
+        return 0
+    if not jobs:
+        print("no jobs yet")
+        return 0
+    print(f"{'job':>5}  {'state':9}  {'model':14}  {'received':19}  stages (s) / reason")
+    for j in jobs:
+        stages = " ".join(f"{k}={v:.2f}" for k, v in j["stages"].items())
+        print(
+            f"{j['id']:>5}  {j['state']:9}  {j['model']:14}  {_when(j['t_received']):19}  {stages}"
+        )
+        if j["reason"]:
+            print(f"{'':>5}  reason: {j['reason']}")
+    return 0
 
 
 def command_retry(args: argparse.Namespace, settings: Settings) -> int:
-    """``aenode retry``: not yet available (the lead fills it in)."""
-    print("aenode retry: not yet available")
-    return 1
+    """``aenode retry JOB``: queue a failed job again (its export, or the whole job).
+
+    A job that failed while exporting gets its outbox rows queued again; one that failed
+    or was rejected before is queued to run again from its series. A running ``aenode serve``
+    picks it up.
+
+    Returns
+    -------
+    int
+        0 when queued; 1 when the job does not exist or is not failed.
+    """
+    from aenode.export.outbox import Outbox
+
+    store = _open(settings)
+    if store is None:
+        return 1
+    try:
+        rows = store.execute("SELECT id, state, t_written FROM jobs WHERE id=?", (args.job,))
+        if not rows:
+            print(f"aenode retry: no job {args.job}")
+            return 1
+        row = rows[0]
+        if row["state"] not in ("failed", "rejected"):
+            print(f"aenode retry: job {args.job} is {row['state']}, not failed")
+            return 1
+        calling = settings.export.calling_ae_title or settings.node.ae_title
+        if row["t_written"] and Outbox(store, settings.export, calling).retry(args.job):
+            print(f"job {args.job}: export queued again")
+            return 0
+        store.execute(
+            "UPDATE jobs SET state='queued', reason=NULL, updated_at=? WHERE id=?",
+            (time.time(), args.job),
+        )
+        print(f"job {args.job}: queued to run again")
+        return 0
+    finally:
+        store.close()

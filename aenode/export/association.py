@@ -16,6 +16,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from pydicom.uid import generate_uid
+
 from aenode import __version__
 
 __all__ = [
@@ -31,7 +33,8 @@ __all__ = [
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-IMPLEMENTATION_UID = b"1.2.826.0.1.3680043.10.1467.1"  # aenode's implementation class
+# aenode's implementation class: a fixed UID derived under pydicom's root (no root of our own).
+IMPLEMENTATION_UID = generate_uid(entropy_srcs=["aenode implementation class"]).encode()
 IMPLEMENTATION_VERSION = f"AENODE_{__version__}".encode()[:16]
 OUR_MAX_PDU = 1 << 20
 _RJ_REASONS = {

@@ -1,0 +1,260 @@
+"""The main job: Orthanc as the PACS, aenode beside it, a real study in, AI results back.
+
+``python scripts/demo.py --study DIR`` (what ``make demo`` runs) starts Orthanc and
+``aenode serve`` on loopback, sends the study to Orthanc with dcmtk ``storescu``; Orthanc
+routes the stable study to aenode (Lua ``OnStableStudy``), aenode sends SEG, SC and SR back.
+It prints what came back and leaves both running; ``--stop`` (``make demo-stop``) stops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "demo-out"
+PIDS = OUT / "pids.json"
+ORTHANC = "/usr/sbin/Orthanc"
+DCMTK = "/usr/bin:/usr/local/bin:/bin"
+AENODE_AET = "AENODE"
+ORTHANC_AET = "ORTHANC"
+
+ROUTE_LUA = """
+-- Route each stable study to aenode in one association, except what aenode sent back.
+function OnStableStudy(studyId, tags, metadata)
+  local ids = {}
+  for _, i in pairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/instances'))) do
+    local ok, aet = pcall(RestApiGet, '/instances/' .. i['ID'] .. '/metadata/RemoteAET')
+    if not ok or aet ~= 'AENODE' then
+      table.insert(ids, i['ID'])
+    end
+  end
+  if #ids > 0 then
+    RestApiPost('/modalities/aenode/store', DumpJson(ids))
+  end
+end
+"""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick(port: int) -> int:
+    if _port_free(port):
+        return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _wait(what: str, check: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except (OSError, urllib.error.URLError, ValueError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.2)
+    raise SystemExit(f"demo: {what} did not happen within {timeout:.0f} s")
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> int:
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+    return proc.pid
+
+
+def stop() -> int:
+    """Stop the Orthanc and aenode that a previous demo left running."""
+    if not PIDS.exists():
+        print("demo: nothing to stop")
+        return 0
+    pids = json.loads(PIDS.read_text())
+    for name, pid in pids.items():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            print(f"stopped {name} (pid {pid})")
+        except ProcessLookupError:
+            pass
+    PIDS.unlink()
+    return 0
+
+
+def _series_table(base: str, study_id: str) -> list[dict[str, Any]]:
+    rows = []
+    for series in _get(f"{base}/studies/{study_id}/series"):
+        tags = series["MainDicomTags"]
+        first = series["Instances"][0]
+        sop = _get(f"{base}/instances/{first}/tags?simplify").get("SOPClassUID", "")
+        rows.append(
+            {
+                "number": tags.get("SeriesNumber", ""),
+                "modality": tags.get("Modality", ""),
+                "description": tags.get("SeriesDescription", ""),
+                "instances": len(series["Instances"]),
+                "sop_class": sop,
+            }
+        )
+    return sorted(rows, key=lambda r: int(r["number"] or 0))
+
+
+def demo(study: Path) -> int:
+    """Run the demo on one study folder."""
+    if not study.is_dir():
+        print(
+            f"demo: no study at {study}.\n"
+            "  The default is ../shared/data/udacity-mr/Study1, the public course data of\n"
+            "  'AI for Healthcare: 3D medical imaging' (udacity/nd320-c3-3d-imaging-starter,\n"
+            "  data/TestVolumes). Put a DICOM study folder there, or run\n"
+            "  `make demo DEMO_STUDY=/path/to/study`.",
+            file=sys.stderr,
+        )
+        return 2
+    storescu = shutil.which("storescu", path=DCMTK)
+    if storescu is None or not Path(ORTHANC).exists():
+        print("demo: dcmtk or orthanc missing; run `make install` as root", file=sys.stderr)
+        return 2
+    stop()
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    (OUT / "orthanc").mkdir(parents=True)
+    dicom_port, http_port, node_port = _pick(4242), _pick(8042), _pick(11112)
+    (OUT / "orthanc" / "route.lua").write_text(ROUTE_LUA)
+    config = {
+        "Name": "aenode-demo",
+        "StorageDirectory": str(OUT / "orthanc" / "storage"),
+        "IndexDirectory": str(OUT / "orthanc" / "index"),
+        "DicomAet": ORTHANC_AET,
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomModalities": {"aenode": [AENODE_AET, "127.0.0.1", node_port]},
+        "StableAge": 2,
+        "OverwriteInstances": True,
+        "LuaScripts": [str(OUT / "orthanc" / "route.lua")],
+        "Plugins": [],
+    }
+    (OUT / "orthanc" / "orthanc.json").write_text(json.dumps(config, indent=2))
+    base = f"http://127.0.0.1:{http_port}"
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    pids = {
+        "orthanc": _spawn(
+            [ORTHANC, str(OUT / "orthanc" / "orthanc.json")], OUT / "orthanc.log", env, OUT
+        )
+    }
+    PIDS.write_text(json.dumps(pids))
+    _wait("Orthanc start", lambda: _get(f"{base}/system"), 30)
+    node_env = {
+        **env,
+        "AENODE_NODE__HOST": "127.0.0.1",
+        "AENODE_NODE__PORT": str(node_port),
+        "AENODE_STORAGE__PATH": str(OUT / "var"),
+        "AENODE_EXPORT__DESTINATIONS": json.dumps(
+            [{"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": dicom_port}]
+        ),
+    }
+    aenode = str(ROOT / ".venv" / "bin" / "aenode")
+    pids["aenode"] = _spawn(
+        [aenode, "--config", str(ROOT / "config.yaml"), "serve"], OUT / "aenode.log", node_env, ROOT
+    )
+    PIDS.write_text(json.dumps(pids))
+    print(f"Orthanc (the PACS): DICOM {ORTHANC_AET}@127.0.0.1:{dicom_port}, HTTP {base}")
+    print(f"aenode: {AENODE_AET}@127.0.0.1:{node_port}, log {OUT / 'aenode.log'}")
+    echoscu = shutil.which("echoscu", path=DCMTK) or "echoscu"
+    _wait(
+        "aenode start",
+        lambda: (
+            subprocess.run(
+                [echoscu, "-aec", AENODE_AET, "127.0.0.1", str(node_port)], capture_output=True
+            ).returncode
+            == 0
+        ),
+        120,
+    )
+    print(f"sending {study} to Orthanc with storescu ...")
+    subprocess.run(
+        [storescu, "-aec", ORTHANC_AET, "+sd", "+r", "127.0.0.1", str(dicom_port), str(study)],
+        check=True,
+    )
+    t_sent = time.time()
+    db = OUT / "var" / "aenode.db"
+
+    def finished() -> list[sqlite3.Row] | None:
+        if not db.exists():
+            return None
+        with sqlite3.connect(db) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+        if rows and all(r["state"] in ("done", "failed", "rejected") for r in rows):
+            return rows
+        return None
+
+    jobs = _wait("the results", finished, 300)
+    elapsed = time.time() - t_sent
+    studies = _get(f"{base}/studies")
+    print(f"\nresults back in Orthanc {elapsed:.1f} s after the last slice reached Orthanc\n")
+    for study_id in studies:
+        print(f"study {study_id}:")
+        print(f"  {'#':>5}  {'modality':8}  {'instances':>9}  {'SOP class':30}  description")
+        for row in _series_table(base, study_id):
+            print(
+                f"  {row['number']:>5}  {row['modality']:8}  {row['instances']:>9}  "
+                f"{row['sop_class']:30}  {row['description']}"
+            )
+    for job in jobs:
+        print(f"\njob {job['id']}: model {job['model']}, state {job['state']}")
+        if job["reason"]:
+            print(f"  reason: {job['reason']}")
+        if job["findings"]:
+            for label, mm3 in json.loads(job["findings"]).get("volumes_mm3", {}).items():
+                print(f"  {label:28} {mm3:10.1f} mm3  ({mm3 / 1000:.2f} mL)")
+        if job["result_dir"] and (Path(job["result_dir"]) / "report.png").exists():
+            print(f"  report page: {Path(job['result_dir']) / 'report.png'}")
+    explorer = f"{base}/app/explorer.html"
+    if studies:
+        explorer += f"#study?uuid={studies[0]}"
+    print(f"\nOrthanc Explorer: {explorer}")
+    print("Orthanc and aenode keep running; `make demo-stop` stops both.")
+    return 0 if all(j["state"] == "done" for j in jobs) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--study", type=Path, default=ROOT / ".." / "shared" / "data" / "udacity-mr" / "Study1"
+    )
+    parser.add_argument("--stop", action="store_true")
+    args = parser.parse_args()
+    return stop() if args.stop else demo(args.study.resolve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

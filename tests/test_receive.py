@@ -335,3 +335,28 @@ def test_status_command_lists_series(node: NodeProcess, data_dir: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_unknown_storage_class_is_accepted_as_sent(node: NodeProcess, tmp_path: Path) -> None:
+    # A private SOP class no table knows (node.accept_unknown_storage is on by default).
+    private = "1.3.6.1.4.1.99999.1.1"
+    path = _crafted(tmp_path, "private.dcm", sop_class=private)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.MediaStorageSOPClassUID = private
+    ds.save_as(path)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(private, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AENODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+    assert status == 0x0000
+    (row,) = node.query(
+        "SELECT sop_class_uid, path FROM instances WHERE sop_instance_uid=?", (ds.SOPInstanceUID,)
+    )
+    assert row["sop_class_uid"] == private
+    back = pydicom.dcmread(node.storage / row["path"])
+    assert back.file_meta.MediaStorageSOPClassUID == private
+    assert back.PixelData == ds.PixelData

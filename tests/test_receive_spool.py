@@ -158,3 +158,35 @@ def test_recovery_records_orphans_and_drops_temporaries(
     assert (tmp_path / "quarantine" / "spool" / "1.2" / "3.4" / "5.6.dcm").is_file()
     assert read_file_header(path).series_uid == sample.SeriesInstanceUID
     assert recover_spool(spool.store, spool.settings).recovered == 0
+
+
+def test_contexts_without_unknown_storage_cover_known_classes_in_every_syntax(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydicom.uid import AllTransferSyntaxes, CTImageStorage, JPEGLossless
+    from pynetdicom import _config
+
+    from aenode.receive.scp import build_ae, peer_allowed
+
+    # build_ae sets pynetdicom's process-wide options (meant for a receiving process).
+    for name in ("UNRESTRICTED_STORAGE_SERVICE", "LOG_HANDLER_LEVEL"):
+        monkeypatch.setattr(_config, name, getattr(_config, name))
+
+    settings = Settings.model_validate(
+        {"node": {"accept_unknown_storage": False, "max_associations": 5}}
+    )
+    ae = build_ae(settings, receivers=2)
+    by_class = {str(cx.abstract_syntax): cx for cx in ae.supported_contexts}
+    assert "1.3.6.1.4.1.99999.1.1" not in by_class
+    assert set(by_class[CTImageStorage].transfer_syntax) == set(AllTransferSyntaxes)
+    assert JPEGLossless in by_class[CTImageStorage].transfer_syntax
+    assert ae.maximum_associations == 3  # ceil(5 / 2) per receiving process
+    peers = Settings.model_validate(
+        {"node": {"allowed_peers": [{"ae_title": "PACS", "host": "10.0.0.5"}]}}
+    ).node.allowed_peers
+    assert peer_allowed(peers, "PACS", "10.0.0.5") == (True, "")
+    assert (
+        peer_allowed(peers, "PACS", "10.0.0.6")[1]
+        == "calling AE 'PACS' is not allowed from host 10.0.0.6"
+    )
+    assert peer_allowed(None, "ANY", "1.2.3.4") == (True, "")

@@ -135,7 +135,13 @@ def render_page(
         return str(getattr(ds, keyword, "") or "") if ds is not None else ""
 
     draw.text((30, 20), f"AI result: {card.name} {card.version}", fill=(0, 0, 0), font=title)
-    draw.text((30, 60), card.description[:110], fill=(60, 60, 60), font=small)
+    description = card.description
+    if draw.textlength(description, font=small) > 960:
+        words = description.split()
+        while words and draw.textlength(" ".join(words) + " ...", font=small) > 960:
+            words.pop()
+        description = " ".join(words) + " ..."
+    draw.text((30, 60), description, fill=(60, 60, 60), font=small)
     ids = [
         f"Patient: {tag('PatientName')}  ID: {tag('PatientID')}",
         f"Study date: {tag('StudyDate')}  Accession: {tag('AccessionNumber')}",

@@ -166,16 +166,18 @@ def command_serve(args: argparse.Namespace, settings: Settings) -> int:
         log.info("stopping on %s", signal.Signals(signum).name)
         node.stop_event.set()
 
+    # Before start: a SIGTERM while models load or receivers fork must stop gracefully too.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         node.start()
     except ReceiverError as exc:
         log.error("cannot start: %s", exc)
+        node.stop()
         return 1
     except RegistryError as exc:
         print(f"aenode: cannot start: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     started = time.monotonic()
     try:
         node.wait()

@@ -538,11 +538,19 @@ class Assembler:
     def run(self, stop: threading.Event) -> None:
         """Poll every ``series.poll_seconds`` until ``stop`` is set.
 
+        A store error (for example a lock held too long) is logged and the poll retried;
+        the state it would have changed stays in the store.
+
         Parameters
         ----------
         stop : threading.Event
             Set to end the loop.
         """
         while not stop.is_set():
-            self.poll()
+            try:
+                self.poll()
+            except sqlite3.Error as exc:
+                # Nothing is lost: the series rows stay 'receiving' and the next poll retries.
+                log.error("assembler poll failed, retrying in 1 s: %s", exc)
+                stop.wait(1.0)
             stop.wait(self.series.poll_seconds)

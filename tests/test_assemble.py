@@ -200,3 +200,27 @@ def test_payload_errors_name_the_key() -> None:
         series_info_from_payload({"study_uid": "1", "series_uid": "2", "revision": 0})
     with pytest.raises(ValueError, match="'files' must be a list of paths"):
         series_info_from_payload({"study_uid": "1", "series_uid": "2", "revision": 0, "files": 3})
+
+
+def test_assembler_survives_a_store_error(
+    env: tuple[Store, Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+    import threading
+
+    store, settings = env
+    assembler = Assembler(store, settings)
+    calls: list[int] = []
+    stop = threading.Event()
+
+    def flaky(now: float | None = None) -> list[tuple[str, int, str]]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        stop.set()
+        return []
+
+    assembler.poll = flaky  # type: ignore[method-assign]
+    assembler.run(stop)
+    assert len(calls) == 2
+    assert "assembler poll failed, retrying in 1 s: database is locked" in caplog.text

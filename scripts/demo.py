@@ -31,22 +31,6 @@ DCMTK = "/usr/bin:/usr/local/bin:/bin"
 AENODE_AET = "AENODE"
 ORTHANC_AET = "ORTHANC"
 
-ROUTE_LUA = """
--- Route each stable study to aenode in one association, except what aenode sent back.
-function OnStableStudy(studyId, tags, metadata)
-  local ids = {}
-  for _, i in pairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/instances'))) do
-    local ok, aet = pcall(RestApiGet, '/instances/' .. i['ID'] .. '/metadata/RemoteAET')
-    if not ok or aet ~= 'AENODE' then
-      table.insert(ids, i['ID'])
-    end
-  end
-  if #ids > 0 then
-    RestApiPost('/modalities/aenode/store', DumpJson(ids))
-  end
-end
-"""
-
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
@@ -146,7 +130,9 @@ def demo(study: Path) -> int:
         shutil.rmtree(OUT)
     (OUT / "orthanc").mkdir(parents=True)
     dicom_port, http_port, node_port = _pick(4242), _pick(8042), _pick(11112)
-    (OUT / "orthanc" / "route.lua").write_text(ROUTE_LUA)
+    shutil.copy(
+        ROOT / "docker" / "orthanc" / "route-stable-study.lua", OUT / "orthanc" / "route.lua"
+    )
     config = {
         "Name": "aenode-demo",
         "StorageDirectory": str(OUT / "orthanc" / "storage"),

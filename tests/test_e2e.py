@@ -24,28 +24,9 @@ from test_receive import DCMTK_ENV, NodeProcess
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
-ROUTE_PER_INSTANCE = """
-function OnStoredInstance(instanceId, tags, metadata, origin)
-  if origin['RemoteAet'] ~= 'AENODE' then
-    SendToModality(instanceId, 'aenode')
-  end
-end
-"""
+ROUTE_PER_INSTANCE = (ROOT / "docker" / "orthanc" / "route-per-instance.lua").read_text()
 
-ROUTE_STABLE_STUDY = """
-function OnStableStudy(studyId, tags, metadata)
-  local ids = {}
-  for _, i in pairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/instances'))) do
-    local ok, aet = pcall(RestApiGet, '/instances/' .. i['ID'] .. '/metadata/RemoteAET')
-    if not ok or aet ~= 'AENODE' then
-      table.insert(ids, i['ID'])
-    end
-  end
-  if #ids > 0 then
-    RestApiPost('/modalities/aenode/store', DumpJson(ids))
-  end
-end
-"""
+ROUTE_STABLE_STUDY = (ROOT / "docker" / "orthanc" / "route-stable-study.lua").read_text()
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SC = "1.2.840.10008.5.1.4.1.1.7"

@@ -21,7 +21,18 @@ from aenode.config import ConfigError, Settings, load_settings
 
 __all__ = ["main", "configure_logging"]
 
-_CONTEXT_KEYS = ("study", "series", "sop_uid", "peer_ae", "assoc", "model", "job", "dest")
+# "patient" is set only when logging.phi is on; nothing else in the context is PHI.
+_CONTEXT_KEYS = (
+    "study",
+    "series",
+    "sop_uid",
+    "peer_ae",
+    "assoc",
+    "model",
+    "job",
+    "dest",
+    "patient",
+)
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 

@@ -360,3 +360,17 @@ def test_unknown_storage_class_is_accepted_as_sent(node: NodeProcess, tmp_path: 
     back = pydicom.dcmread(node.storage / row["path"])
     assert back.file_meta.MediaStorageSOPClassUID == private
     assert back.PixelData == ds.PixelData
+
+
+def test_logs_carry_context_but_no_phi(node: NodeProcess, data_dir: Path) -> None:
+    source = sorted((data_dir / "udacity-mr" / "Study2" / "14_HCropVolume").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    result = storescu(node.port, source)
+    assert result.returncode == 0, result.stderr
+    node.wait_for(lambda: f"sop_uid={ds.SOPInstanceUID}" in node.log_text())
+    line = next(x for x in node.log_text().splitlines() if f"sop_uid={ds.SOPInstanceUID}" in x)
+    assert f"study={ds.StudyInstanceUID}" in line and "peer_ae=STORESCU" in line
+    log = node.log_text()
+    for phi in (str(ds.PatientName), str(ds.PatientID), str(ds.get("PatientBirthDate", ""))):
+        if phi:
+            assert phi not in log, "PHI in the log with logging.phi off"

@@ -67,6 +67,8 @@ class InstanceHeader:
         :func:`aenode.assemble.expected_count`).
     transfer_syntax : str
         The transfer syntax the data set is encoded in.
+    patient_id : str
+        ``PatientID``; PHI, logged only when ``logging.phi`` is on.
     """
 
     sop_class_uid: str
@@ -77,6 +79,7 @@ class InstanceHeader:
     description: str
     expected: int | None
     transfer_syntax: str
+    patient_id: str = ""
 
 
 def _stop(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -164,6 +167,7 @@ def header_from_dataset(
         description=_text(ds, "SeriesDescription"),
         expected=expected_count(ds),
         transfer_syntax=str(transfer_syntax),
+        patient_id=_text(ds, "PatientID"),
     )
 
 

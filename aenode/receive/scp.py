@@ -195,6 +195,8 @@ def handle_store(event: Event, receiver: Receiver) -> int:
         ctx.update(
             study=header.study_uid, series=header.series_uid, sop_uid=header.sop_instance_uid
         )
+        if receiver.settings.logging.phi:
+            ctx["patient"] = header.patient_id
         if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
             raise InvalidInstance(
                 f"SOPInstanceUID {header.sop_instance_uid} differs from the C-STORE request's "

@@ -401,7 +401,7 @@ def train_hippocampus(
     best: dict[str, Any] = {"mean": -1.0, "epoch": 0, "state": None}
     history: list[dict[str, float]] = []
     horizons: list[int] = []
-    speed = t_val = 0.0
+    speed = t_val = frac = 0.0
     bar = tqdm(total=total_epochs, desc="train hippocampus", unit="epoch", disable=not progress)
     epoch = 0
     while epoch < total_epochs:
@@ -413,7 +413,8 @@ def train_hippocampus(
             if epoch == 1:  # linear warm-up over the first epoch
                 lr = LR * (0.1 + 0.9 * step / steps)
             else:  # cosine from LR to ~0 over the remaining epochs
-                frac = ((epoch - 2) * steps + step) / max(1, (total_epochs - 1) * steps)
+                # never backwards: a horizon that grows (the CPU got faster) holds the rate
+                frac = max(frac, ((epoch - 2) * steps + step) / max(1, (total_epochs - 1) * steps))
                 lr = LR * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -194,10 +194,18 @@ def test_results_survive_a_pacs_outage(tmp_path: Path, data_dir: Path) -> None:
         pydicom.dcmread(next((study_dir / "13_HCropVolume").glob("*.dcm"))).StudyInstanceUID
     )
     try:
-        _send_study(orthanc, study_dir)
-        # Stop the PACS as soon as the job exists, so it is down when the results are ready.
-        node.wait_for(lambda: bool(node.query("SELECT id FROM jobs")), timeout=60)
+        # The PACS goes down before the results exist (stopping it after the job starts
+        # raced with a fast job): the study comes straight from the modality.
         orthanc.stop()
+        sent = subprocess.run(
+            [dcmtk("storescu"), "-aec", "AENODE", "+sd", "+r", "127.0.0.1", str(node.port)]
+            + [str(study_dir)],
+            capture_output=True,
+            text=True,
+            env=DCMTK_ENV,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
         node.wait_for(
             lambda: bool(
                 node.query("SELECT id FROM outbox WHERE attempts >= 1 AND last_error IS NOT NULL")

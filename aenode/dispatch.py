@@ -58,15 +58,21 @@ class Dispatcher:
             return jobs
         series = series_info_from_payload(item.payload)
         ctx = {"study": series.study_uid, "series": series.series_uid}
-        if not series.files:
-            self.store.nack(item.id, "series has no spooled files")
-            log.error("series handed on without files; left failed in the queue", extra=ctx)
-            return jobs
+        reason = "series has no spooled files"
         try:
             header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+        except IndexError:
+            header = None
         except (OSError, InvalidDicomError) as exc:
+            header = None
             reason = f"{series.files[0]}: cannot read header: {exc}"
+        if header is None:
+            # Visible in `aenode status` as a rejected series with the reason.
             self.store.nack(item.id, reason)
+            self.store.execute(
+                "UPDATE series SET state='rejected', reason=? WHERE series_uid=? AND revision=?",
+                (reason, series.series_uid, series.revision),
+            )
             log.error("selection skipped: %s", reason, extra=ctx)
             return jobs
         new = self.tracker.on_series(series, header, now=now)

@@ -55,7 +55,7 @@ ARCH_ARGS: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": 1,
     "out_channels": 3,
-    "channels": [16, 32, 64, 128],
+    "channels": [24, 48, 96, 192],
     "strides": [2, 2, 2],
     "num_res_units": 2,
     "norm": "instance",

@@ -157,6 +157,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=None, help="training time budget")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="fixed epoch count (bit-for-bit reproducible)"
+    )
     p.set_defaults(handler=_lazy("aenode.infer.train:command_train"))
 
     p = sub.add_parser("evaluate", help="metrics of a model against reference labels")

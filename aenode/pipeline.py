@@ -4,7 +4,9 @@ Start-up: recover the spool, the store's half-done work and the outbox; load and
 the model packages and the rules (a bad one stops start-up before anything is accepted);
 fork the receiving processes; then run, each in its own thread, the assembler (series
 completion), the dispatcher (selection: complete series -> jobs), the job workers
-(volume -> inference -> result objects -> outbox) and the outbox (C-STORE with retries).
+(volume -> inference -> result objects -> outbox; they start after one synthetic warm-up
+job per model, so the first study does not pay for cold caches) and the outbox (C-STORE
+with retries).
 Stages talk only through the store, so each could later run on another machine.
 """
 
@@ -31,6 +33,7 @@ from aenode.receive.workers import ReceiverError, ReceiverPool
 from aenode.select.rules import compile_rules
 from aenode.select.studies import StudyTracker, role_requirements
 from aenode.store import Store
+from aenode.warmup import warm_up
 
 __all__ = ["JOB_WORKERS", "Node", "command_serve"]
 
@@ -122,14 +125,25 @@ class Node:
             threading.Thread(target=dispatcher.run, args=(stop,), name="dispatcher"),
             threading.Thread(target=outbox.run, args=(stop, poll), name="outbox"),
         ]
-        self._threads += [
-            threading.Thread(
-                target=runner.run_forever,
-                args=(stop, dispatcher.wakeup, poll),
-                name=f"job-{i}",
-            )
-            for i in range(JOB_WORKERS)
-        ]
+        runtime = self._runtime
+
+        def warm_then_run_jobs() -> None:
+            # Receiving, assembly and selection already run; jobs start once models are warm.
+            warm_up(registry, runtime, settings.results)
+            workers = [
+                threading.Thread(
+                    target=runner.run_forever,
+                    args=(stop, dispatcher.wakeup, poll),
+                    name=f"job-{i}",
+                )
+                for i in range(JOB_WORKERS)
+            ]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+
+        self._threads.append(threading.Thread(target=warm_then_run_jobs, name="jobs"))
         for thread in self._threads:
             thread.start()
 

@@ -30,4 +30,4 @@ def test_warm_up_runs_every_model_and_cleans_up(
     with Runtime(registry, RuntimeSettings(device="cpu")) as runtime:
         seconds = warm_up(registry, runtime, ResultsSettings())
     assert set(seconds) == set(registry.names()) == {"hippocampus"}
-    assert list(tmp_path.iterdir()) == []
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("aenode-")] == []

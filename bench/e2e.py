@@ -53,11 +53,13 @@ def _start_node(folder: Path, port: int, orthanc: Orthanc) -> subprocess.Popen[b
                 {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
             ]
         },
-        "logging": {"level": "WARNING"},
+        "logging": {"level": "INFO"},
     }
     cfg = folder / "aenode.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    log = open(folder / "aenode.log", "ab")  # noqa: SIM115 (owned by the process)
+    log_path = folder / "aenode.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    log = open(log_path, "ab")  # noqa: SIM115 (owned by the process)
     proc = subprocess.Popen(
         [str(ROOT / ".venv" / "bin" / "aenode"), "--config", str(cfg), "serve"],
         stdout=log,
@@ -68,7 +70,10 @@ def _start_node(folder: Path, port: int, orthanc: Orthanc) -> subprocess.Popen[b
         ok = subprocess.run(
             [f"{DCMTK}/echoscu", "-aec", "AENODE", "127.0.0.1", str(port)], capture_output=True
         )
-        if ok.returncode == 0:
+        with open(log_path, "rb") as fh:
+            fh.seek(offset)
+            warm = b"warm (" in fh.read()
+        if ok.returncode == 0 and warm:  # listening, and the job workers have started
             return proc
         time.sleep(0.2)
     raise RuntimeError(f"aenode did not start; see {folder / 'aenode.log'}")

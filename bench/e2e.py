@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from bench.common import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data" / "udacity-mr").resolve()
 sys.path.insert(0, str(ROOT / "tests"))
@@ -31,14 +33,6 @@ from test_e2e import ROUTE_PER_INSTANCE, ROUTE_STABLE_STUDY  # noqa: E402
 DCMTK = "/usr/bin"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 ROUNDS = 3
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start_node(folder: Path, port: int, orthanc: Orthanc) -> subprocess.Popen[bytes]:
@@ -139,7 +133,7 @@ def _one(orthanc: Orthanc, db: Path, study: Path, expect: int) -> dict[str, floa
 def _setup(routing: str, lua: str) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix=f"aenode-bench-e2e-{routing}-") as tmp:
         folder = Path(tmp)
-        port = _free_port()
+        port = free_port()
         orthanc = Orthanc(
             folder / "orthanc", modalities={"aenode": ("AENODE", "127.0.0.1", port)}, lua=lua
         ).start()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -18,33 +17,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from aenode.config import DestinationSettings
 from aenode.export.scu import send_files
+from bench.common import ct_slice, free_port, wait_port
 
 __all__ = ["main"]
 
 SLICES = 300
 ROUNDS = 3
 DCMTK = "/usr/bin:/usr/local/bin:/bin"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"storescp not listening on {port}")
 
 
 def make_series(folder: Path, count: int = SLICES) -> list[Path]:
@@ -54,24 +37,8 @@ def make_series(folder: Path, count: int = SLICES) -> list[Path]:
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     paths = []
     for i in range(count):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientName, ds.PatientID, ds.Modality = "Bench^Export", "BENCH", "CT"
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [0, 0, float(i)]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.5, 0.5]
-        ds.SliceThickness = 1
-        ds.Rows = ds.Columns = 512
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = np.roll(base, i, axis=0).tobytes()
+        ds = ct_slice(study, series, i, np.roll(base, i, axis=0), z=float(i))
+        ds.FrameOfReferenceUID = frame
         path = folder / f"ct{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -115,7 +82,7 @@ def main() -> None:
         src.mkdir()
         files = make_series(src)
         size_mb = sum(f.stat().st_size for f in files) / 1e6
-        port = _free_port()
+        port = free_port()
         inbox = root / "in"
         inbox.mkdir()
         proc = subprocess.Popen(
@@ -126,7 +93,7 @@ def main() -> None:
         )
         ours, ref = [], []
         try:
-            _wait(port)
+            wait_port(port, 10, "storescp")
             for _ in range(ROUNDS):
                 for runner, out in ((_round_storescu, ref), (_round_ours, ours)):
                     out.append(runner(port, files))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import ct_slice, free_port, wait_port
 
 __all__ = ["main"]
 
@@ -48,8 +49,7 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 def _series(folder: Path, with_iia: bool) -> list[Path]:
     """Write the synthetic series once; later runs reuse it."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     existing = sorted(folder.glob("*.dcm"))
     if len(existing) == N:
@@ -61,46 +61,11 @@ def _series(folder: Path, with_iia: bool) -> list[Path]:
     base = rng.integers(-1024, 2000, size=(512, 512), dtype=np.int16)
     study, series = generate_uid(), generate_uid()
     for i in range(N):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientName, ds.PatientID = "Bench^Ingest", "BENCH"
-        ds.Modality, ds.SeriesDescription = "CT", "ingest bench"
-        ds.InstanceNumber = i + 1
+        ds = ct_slice(study, series, i, np.roll(base, i, axis=0), z=float(i))
         if with_iia:
             ds.ImagesInAcquisition = N
-        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 1.0
-        ds.Rows = ds.Columns = 512
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = np.roll(base, i, axis=0).tobytes()
         ds.save_as(folder / f"{i:04d}.dcm", enforce_file_format=True)
     return sorted(folder.glob("*.dcm"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def _send(port: int, files: Sequence[Path], senders: int) -> float:
@@ -124,7 +89,7 @@ def _send(port: int, files: Sequence[Path], senders: int) -> float:
 
 
 def _storescp_run(files: Sequence[Path], senders: int) -> float:
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(dir=ROOT / "bench-out") as out:
         proc = subprocess.Popen(
             [f"{DCMTK}/storescp", "--fork", "-aet", "AENODE", "-od", out, str(port)],
@@ -133,7 +98,7 @@ def _storescp_run(files: Sequence[Path], senders: int) -> float:
             stderr=subprocess.DEVNULL,
         )
         try:
-            _wait_port(port)
+            wait_port(port)
             seconds = _send(port, files, senders)
             got = sum(1 for _ in Path(out).iterdir())
             if got != len(files):
@@ -149,7 +114,7 @@ class _Node:
 
     def __init__(self, grace: float = 1.0, fsync: bool = True) -> None:
         self.dir = Path(tempfile.mkdtemp(dir=ROOT / "bench-out"))
-        self.port = _free_port()
+        self.port = free_port()
         config = self.dir / "aenode.yaml"
         config.write_text(
             f"node: {{host: 127.0.0.1, port: {self.port}}}\n"
@@ -163,7 +128,7 @@ class _Node:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_port(self.port)
+        wait_port(self.port)
         time.sleep(0.5)  # every receiving process is listening
 
     def query(self, sql: str) -> list[tuple[float, ...]]:

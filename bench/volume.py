@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import ct_slice
+
 __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +46,7 @@ REPEATS = 3
 
 def _synthetic() -> list[Path]:
     """The 1000-slice series, written once (shuffled file names: order is not a hint)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     existing = sorted(OUT.glob("*.dcm"))
     if len(existing) == N_SLICES:
@@ -59,32 +60,17 @@ def _synthetic() -> list[Path]:
     disc = ((yy - 256) ** 2 + (xx - 256) ** 2 < 200**2).astype(np.uint16)
     study = generate_uid()
     for k in range(N_SLICES):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = SYNTH_SERIES
-        ds.Modality = "CT"
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [-128.0, -128.0, f"{-250.0 + 0.5 * k:.1f}"]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.5, 0.5]
-        ds.SliceThickness = 0.5
-        ds.Rows = ds.Columns = 512
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.RescaleSlope = 1
-        ds.RescaleIntercept = -1024
-        pixels = disc * (1000 + (k % 64)) + (xx % 7).astype(np.uint16)
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
+        pixels = (disc * (1000 + (k % 64)) + (xx % 7)).astype(np.uint16)
+        ds = ct_slice(
+            study,
+            SYNTH_SERIES,
+            k,
+            pixels,
+            z=round(-250.0 + 0.5 * k, 1),
+            slice_thickness=0.5,
+            bits_stored=12,
+            rescale_intercept=-1024,
+        )
         ds.save_as(OUT / f"s{names[k]:04d}.dcm", enforce_file_format=True)
     return sorted(OUT.glob("*.dcm"))
 

@@ -39,6 +39,7 @@ __all__ = [
     "SeriesSettings",
     "Settings",
     "StorageSettings",
+    "VolumeSettings",
     "load_settings",
 ]
 
@@ -141,6 +142,18 @@ class SelectionSettings(_Section):
         return self
 
 
+class VolumeSettings(_Section):
+    """How strictly a series must form a regular volume before inference."""
+
+    spacing_tolerance: float = Field(
+        default=0.01, gt=0, lt=1, description="relative slice-spacing deviation allowed"
+    )
+    allow: list[Literal["tilt", "gaps", "spacing"]] = Field(
+        default_factory=list,
+        description="checks waived (e.g. tilt for gantry-tilted head CT); logged when used",
+    )
+
+
 class ModelsSettings(_Section):
     """Model packages: ``<path>/<name>/model.yaml`` plus weights."""
 
@@ -230,6 +243,7 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    volume: VolumeSettings = Field(default_factory=VolumeSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)

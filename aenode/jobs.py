@@ -154,7 +154,11 @@ class JobRunner:
         volumes: dict[str, Volume] = {}
         for role, series in job.inputs.items():
             try:
-                volumes[role] = build_volume(series)
+                volumes[role] = build_volume(
+                    series,
+                    spacing_tolerance=self.settings.volume.spacing_tolerance,
+                    allow=self.settings.volume.allow,
+                )
             except VolumeError as exc:
                 reason = f"role {role}: series {series.series_uid}: {exc}"
                 logger.warning("volume rejected: %s", reason, extra=ctx)

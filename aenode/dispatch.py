@@ -9,6 +9,7 @@ timeout). Jobs land in the store's ``jobs`` table, which is the job workers' que
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 
@@ -53,7 +54,7 @@ class Dispatcher:
             The jobs recorded in this step.
         """
         jobs = self.tracker.due(now)
-        item = self.store.claim(SERIES_TOPIC)
+        item = self.store.claim(SERIES_TOPIC, now)
         if item is None:
             return jobs
         series = series_info_from_payload(item.payload)
@@ -75,14 +76,25 @@ class Dispatcher:
             )
             log.error("selection skipped: %s", reason, extra=ctx)
             return jobs
-        new = self.tracker.on_series(series, header, now=now)
+        try:
+            new = self.tracker.on_series(series, header, now=now)
+        except sqlite3.Error as exc:
+            # The store was busy or failing: hand the series out again shortly.
+            self.store.nack(item.id, f"store: {exc}", retry_at=time.time() + 1.0)
+            log.error("selection postponed, store error: %s", exc, extra=ctx)
+            return jobs
         self.store.ack(item.id)
         return jobs + new
 
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop`` is set."""
         while not stop.is_set():
-            jobs = self.step(time.time())
+            try:
+                jobs = self.step(time.time())
+            except sqlite3.Error as exc:  # the store is busy or failing: keep trying
+                log.error("dispatcher: store error, retrying: %s", exc)
+                stop.wait(1.0)
+                continue
             if jobs:
                 self.wakeup.set()
             elif not self.store.execute(

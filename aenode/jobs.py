@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -231,7 +232,12 @@ class JobRunner:
             Seconds between looks at an empty queue.
         """
         while not stop.is_set():
-            job = claim_job(self.store)
+            try:
+                job = claim_job(self.store)
+            except sqlite3.Error as exc:  # the store is busy or failing: keep trying
+                logger.error("job worker: store error, retrying: %s", exc)
+                stop.wait(1.0)
+                continue
             if job is None:
                 wakeup.wait(poll)
                 wakeup.clear()

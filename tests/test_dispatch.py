@@ -75,3 +75,27 @@ def test_unreadable_series_is_rejected_with_the_file_named(tmp_path: Path) -> No
     assert row["state"] == "rejected"
     assert str(bad) in row["reason"] and "cannot read header" in row["reason"]
     assert store.execute("SELECT state FROM queue")[0]["state"] == "failed"
+
+
+def test_store_error_postpones_the_series_and_loses_nothing(tmp_path: Path, data_dir: Path) -> None:
+    import sqlite3
+
+    store, dispatcher = _dispatcher(tmp_path)
+    real = dispatcher.tracker.on_series
+    calls = {"n": 0}
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    dispatcher.tracker.on_series = flaky  # type: ignore[method-assign]
+    crop = sorted((data_dir / "udacity-mr" / "Study1" / "13_HCropVolume").glob("*.dcm"))
+    _hand_on(store, "1.2.3", crop, "HippoCrop")
+    assert dispatcher.step() == []
+    row = store.execute("SELECT state, error FROM queue")[0]
+    assert row["state"] == "ready" and "database is locked" in row["error"]
+    assert dispatcher.step(now=time.time()) == []  # not due yet
+    jobs = dispatcher.step(now=time.time() + 2)
+    assert [j.model for j in jobs] == ["hippocampus"]

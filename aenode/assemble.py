@@ -49,6 +49,7 @@ __all__ = [
     "close_stale_associations",
     "complete_series",
     "expected_count",
+    "reject_series",
     "series_info_from_payload",
     "touch",
 ]
@@ -452,6 +453,26 @@ def _due(fetch: _Fetch, row: sqlite3.Row, now: float, s: SeriesSettings) -> str 
     candidates.append((row["first_arrival"] + s.max_wait_seconds, "max_wait"))
     due = [c for c in candidates if c[0] <= now]
     return min(due)[1] if due else None
+
+
+def reject_series(store: Store, series_uid: str, revision: int, reason: str) -> None:
+    """Mark a series revision ``rejected`` with the reason shown by ``aenode status``.
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    series_uid : str
+        The Series Instance UID.
+    revision : int
+        The revision that cannot be used.
+    reason : str
+        What is wrong, naming the tag or file.
+    """
+    store.execute(
+        "UPDATE series SET state='rejected', reason=? WHERE series_uid=? AND revision=?",
+        (reason, series_uid, revision),
+    )
 
 
 def close_stale_associations(store: Store, now: float | None = None) -> int:

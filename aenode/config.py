@@ -250,6 +250,11 @@ class Settings(_Section):
     export: ExportSettings = Field(default_factory=ExportSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
+    @property
+    def calling_ae(self) -> str:
+        """Our AE title when we associate: ``export.calling_ae_title``, else ``node.ae_title``."""
+        return self.export.calling_ae_title or self.node.ae_title
+
 
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []

@@ -16,7 +16,7 @@ import time
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from aenode.assemble import SERIES_TOPIC, series_info_from_payload
+from aenode.assemble import SERIES_TOPIC, reject_series, series_info_from_payload
 from aenode.records import Job
 from aenode.select.studies import StudyTracker
 from aenode.store import Store
@@ -70,10 +70,7 @@ class Dispatcher:
         if header is None:
             # Visible in `aenode status` as a rejected series with the reason.
             self.store.nack(item.id, reason)
-            self.store.execute(
-                "UPDATE series SET state='rejected', reason=? WHERE series_uid=? AND revision=?",
-                (reason, series.series_uid, series.revision),
-            )
+            reject_series(self.store, series.series_uid, series.revision, reason)
             log.error("selection skipped: %s", reason, extra=ctx)
             return jobs
         try:

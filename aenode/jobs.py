@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aenode.records import Job, SeriesInfo, Volume
+from aenode.assemble import reject_series
+from aenode.records import Job, Volume
 from aenode.select.studies import job_from_row
 from aenode.store import Store
 
@@ -125,12 +126,6 @@ class JobRunner:
         cols = ", ".join(f"{k}=?" for k in fields)
         self.store.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job.id))
 
-    def _reject_series(self, series: SeriesInfo, reason: str) -> None:
-        self.store.execute(
-            "UPDATE series SET state='rejected', reason=? WHERE series_uid=? AND revision=?",
-            (reason, series.series_uid, series.revision),
-        )
-
     def run(self, job: Job) -> JobOutcome:
         """Run one recorded job to the outbox; never raises for a job's own failure.
 
@@ -163,7 +158,7 @@ class JobRunner:
             except VolumeError as exc:
                 reason = f"role {role}: series {series.series_uid}: {exc}"
                 logger.warning("volume rejected: %s", reason, extra=ctx)
-                self._reject_series(series, str(exc))
+                reject_series(self.store, series.series_uid, series.revision, str(exc))
                 self._set(job, state="rejected", reason=reason)
                 return JobOutcome(job, "rejected", reason)
         timings["volume"] = time.time() - t0

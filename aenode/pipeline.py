@@ -81,7 +81,7 @@ class Node:
         log.info("models loaded: %s; %d selection rule(s)", registry.names(), len(rules))
         self.root.mkdir(parents=True, exist_ok=True)
         store = Store(self.db)
-        calling_ae = settings.export.calling_ae_title or settings.node.ae_title
+        calling_ae = settings.calling_ae
         try:
             report = recover_spool(store, settings)
             closed = close_stale_associations(store)

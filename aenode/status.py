@@ -228,7 +228,7 @@ def command_retry(args: argparse.Namespace, settings: Settings) -> int:
         if row["state"] not in ("failed", "rejected"):
             print(f"aenode retry: job {args.job} is {row['state']}, not failed")
             return 1
-        calling = settings.export.calling_ae_title or settings.node.ae_title
+        calling = settings.calling_ae
         if row["t_written"] and Outbox(store, settings.export, calling).retry(args.job):
             print(f"job {args.job}: export queued again")
             return 0

@@ -311,7 +311,7 @@ def command_echo(args: argparse.Namespace, settings: Settings) -> int:
     int
         0 if the peer answered with success, 1 otherwise.
     """
-    calling = args.calling_aet or settings.export.calling_ae_title or settings.node.ae_title
+    calling = args.calling_aet or settings.calling_ae
     reason = echo_reason(
         args.host, args.port, args.aet, calling, settings.export.retry.timeout_seconds
     )

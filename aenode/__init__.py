@@ -14,7 +14,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from aenode.version import __version__
 
 if TYPE_CHECKING:
     from aenode.config import ConfigError, Settings, load_settings

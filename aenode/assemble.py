@@ -19,6 +19,11 @@ queue in the same transaction, so a completed series is handed on exactly once. 
 instance arriving after completion opens revision ``n + 1`` holding all instances so far
 (``series.late_instances: revise``), or is stored without re-opening (``ignore``).
 The :class:`Assembler` applies the time-based conditions, polling the store.
+
+This module owns the ledger: the store's ``instances``, ``series``, ``series_assocs`` and
+``associations`` tables. The receiver records through :func:`admit`, :func:`touch`,
+:func:`stored_instance` and :func:`record_association_end`; ``status`` reads
+:func:`recent_series`; series states move only as :data:`aenode.states.TRANSITIONS` allows.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pydicom import Dataset
 
 from aenode.config import SeriesSettings, Settings
 from aenode.records import SeriesInfo
+from aenode.states import SeriesState, transition
 from aenode.store import Store
 
 if TYPE_CHECKING:
@@ -45,12 +51,18 @@ __all__ = [
     "SERIES_TOPIC",
     "Admission",
     "Assembler",
+    "SeriesRecord",
+    "StoredInstance",
     "admit",
     "close_stale_associations",
     "complete_series",
     "expected_count",
+    "recent_series",
+    "record_association_end",
     "reject_series",
     "series_info_from_payload",
+    "spooled_paths",
+    "stored_instance",
     "touch",
 ]
 
@@ -200,7 +212,7 @@ def admit(
         conn.execute(
             "INSERT INTO series (series_uid, revision, study_uid, modality, description,"
             " expected, instance_count, first_arrival, last_arrival, last_assoc_id, state)"
-            " VALUES (?, 0, ?, ?, ?, ?, 1, ?, ?, ?, 'receiving')",
+            " VALUES (?, 0, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
             (
                 header.series_uid,
                 header.study_uid,
@@ -210,10 +222,11 @@ def admit(
                 now,
                 now,
                 assoc_id,
+                SeriesState.RECEIVING,
             ),
         )
         admission = Admission(revision=0, opened=True)
-    elif latest["state"] == "receiving":
+    elif latest["state"] == SeriesState.RECEIVING:
         revision = latest["revision"]
         conn.execute(
             "UPDATE series SET instance_count=instance_count+?, last_arrival=MAX(last_arrival, ?),"
@@ -233,7 +246,7 @@ def admit(
         conn.execute(
             "INSERT INTO series (series_uid, revision, study_uid, modality, description,"
             " expected, instance_count, first_arrival, last_arrival, last_assoc_id, state)"
-            " VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, 'receiving')",
+            " VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
             (
                 header.series_uid,
                 revision,
@@ -244,6 +257,7 @@ def admit(
                 now,
                 now,
                 assoc_id,
+                SeriesState.RECEIVING,
             ),
         )
         admission = Admission(revision=revision, opened=True)
@@ -308,7 +322,7 @@ def touch(conn: sqlite3.Connection, series_uid: str, assoc_id: str | None, now: 
         Epoch seconds.
     """
     latest = _latest(conn, series_uid)
-    if latest is None or latest["state"] != "receiving":
+    if latest is None or latest["state"] != SeriesState.RECEIVING:
         return
     conn.execute(
         "UPDATE series SET last_arrival=MAX(last_arrival, ?) WHERE series_uid=? AND revision=?",
@@ -354,10 +368,11 @@ def complete_series(
     bool
         False if the revision was not in state ``receiving`` (already complete).
     """
+    complete = transition(SeriesState.RECEIVING, SeriesState.COMPLETE)
     changed = conn.execute(
-        "UPDATE series SET state='complete', completed_at=?, completed_by=?"
-        " WHERE series_uid=? AND revision=? AND state='receiving'",
-        (now, completed_by, series_uid, revision),
+        "UPDATE series SET state=?, completed_at=?, completed_by=?"
+        " WHERE series_uid=? AND revision=? AND state=?",
+        (complete, now, completed_by, series_uid, revision, SeriesState.RECEIVING),
     ).rowcount
     if changed != 1:
         return False
@@ -456,7 +471,9 @@ def _due(fetch: _Fetch, row: sqlite3.Row, now: float, s: SeriesSettings) -> str 
 
 
 def reject_series(store: Store, series_uid: str, revision: int, reason: str) -> None:
-    """Mark a series revision ``rejected`` with the reason shown by ``aenode status``.
+    """Mark a complete series revision ``rejected`` with the reason ``aenode status`` shows.
+
+    A revision already rejected (by another job on the same series) keeps its first reason.
 
     Parameters
     ----------
@@ -468,11 +485,127 @@ def reject_series(store: Store, series_uid: str, revision: int, reason: str) -> 
         The revision that cannot be used.
     reason : str
         What is wrong, naming the tag or file.
+
+    Raises
+    ------
+    aenode.states.IllegalTransition
+        If the revision is still receiving.
+    """
+    with store.transaction() as conn:
+        row = conn.execute(
+            "SELECT state FROM series WHERE series_uid=? AND revision=?", (series_uid, revision)
+        ).fetchone()
+        if row is None or row["state"] == SeriesState.REJECTED:
+            return
+        conn.execute(
+            "UPDATE series SET state=?, reason=? WHERE series_uid=? AND revision=?",
+            (transition(row["state"], SeriesState.REJECTED), reason, series_uid, revision),
+        )
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the ledger holds of one received instance (for duplicate handling)."""
+
+    sop_instance_uid: str
+    sha256: str
+    path: str
+
+
+def stored_instance(db: Store | sqlite3.Connection, sop_uid: str) -> StoredInstance | None:
+    """The ledger's row of an instance, or None.
+
+    Parameters
+    ----------
+    db : Store or sqlite3.Connection
+        The store, or a connection inside one of its open transactions.
+    sop_uid : str
+        SOP Instance UID.
+    """
+    sql = "SELECT sop_instance_uid, sha256, path FROM instances WHERE sop_instance_uid=?"
+    result = db.execute(sql, (sop_uid,))
+    rows = result if isinstance(result, list) else result.fetchall()
+    row = rows[0] if rows else None
+    if row is None:
+        return None
+    return StoredInstance(row["sop_instance_uid"], row["sha256"], row["path"])
+
+
+def spooled_paths(store: Store) -> set[str]:
+    """Spool paths (relative to ``storage.path``) of every instance in the ledger."""
+    return {r["path"] for r in store.execute("SELECT path FROM instances")}
+
+
+def record_association_end(
+    store: Store,
+    assoc_id: str,
+    calling_ae: str | None,
+    peer_host: str | None,
+    started_at: float,
+    ended_at: float,
+) -> None:
+    """Note that an association that delivered instances was released or aborted.
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    assoc_id : str
+        Our id of the association.
+    calling_ae, peer_host : str or None
+        Who it was.
+    started_at, ended_at : float
+        Epoch seconds.
     """
     store.execute(
-        "UPDATE series SET state='rejected', reason=? WHERE series_uid=? AND revision=?",
-        (reason, series_uid, revision),
+        "INSERT INTO associations (assoc_id, calling_ae, peer_host, started_at, released_at)"
+        " VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (assoc_id) DO UPDATE SET released_at=excluded.released_at",
+        (assoc_id, calling_ae, peer_host, started_at, ended_at),
     )
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    """A series revision as ``aenode status`` shows it."""
+
+    study_uid: str
+    series_uid: str
+    revision: int
+    modality: str | None
+    description: str | None
+    expected: int | None
+    instance_count: int
+    state: SeriesState
+    completed_by: str | None
+    first_arrival: float
+    last_arrival: float
+    completed_at: float | None
+    reason: str | None
+
+
+def recent_series(store: Store, limit: int = 50) -> list[SeriesRecord]:
+    """The most recently active series revisions, newest first.
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    limit : int
+        At most this many rows.
+
+    Returns
+    -------
+    list of SeriesRecord
+    """
+    names = [f.name for f in SeriesRecord.__dataclass_fields__.values()]
+    rows = store.execute(
+        f"SELECT {', '.join(names)} FROM series ORDER BY last_arrival DESC LIMIT ?", (limit,)
+    )
+    return [
+        SeriesRecord(**{**{k: row[k] for k in names}, "state": SeriesState(row["state"])})
+        for row in rows
+    ]
 
 
 def close_stale_associations(store: Store, now: float | None = None) -> int:
@@ -499,8 +632,8 @@ def close_stale_associations(store: Store, now: float | None = None) -> int:
             "INSERT OR IGNORE INTO associations (assoc_id, started_at, released_at)"
             " SELECT DISTINCT sa.assoc_id, ?, ? FROM series_assocs sa"
             " JOIN series s ON s.series_uid = sa.series_uid AND s.revision = sa.revision"
-            " WHERE s.state = 'receiving'",
-            (now, now),
+            " WHERE s.state = ?",
+            (now, now, SeriesState.RECEIVING),
         ).rowcount
     return int(closed)
 
@@ -536,7 +669,7 @@ class Assembler:
         """
         now = time.time() if now is None else now
         done: list[tuple[str, int, str]] = []
-        rows = self.store.execute("SELECT * FROM series WHERE state='receiving'")
+        rows = self.store.execute("SELECT * FROM series WHERE state=?", (SeriesState.RECEIVING,))
         for row in rows:
             if _due(self.store.execute, row, now, self.series) is None:
                 continue
@@ -545,7 +678,7 @@ class Assembler:
                     "SELECT * FROM series WHERE series_uid=? AND revision=?",
                     (row["series_uid"], row["revision"]),
                 ).fetchone()
-                if fresh is None or fresh["state"] != "receiving":
+                if fresh is None or fresh["state"] != SeriesState.RECEIVING:
                     continue
                 by = _due(
                     lambda sql, args: conn.execute(sql, args).fetchall(), fresh, now, self.series

@@ -7,6 +7,7 @@ can be overridden by ``AENODE_<SECTION>__<KEY>`` (``AENODE_NODE__PORT=11113``).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from aenode.errors import ConfigError
+from aenode.select.rules import compile_rules
 from aenode.select.spec import RuleSpec
 
 __all__ = [
@@ -45,9 +48,11 @@ __all__ = [
 
 ENV_PREFIX = "AENODE_"
 
+log = logging.getLogger(__name__)
 
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message names the key."""
+
+class _RuleErrors(ValueError):
+    """Rule problems found by :func:`compile_rules`, each line already naming its key path."""
 
 
 class _Section(BaseModel):
@@ -132,13 +137,11 @@ class SelectionSettings(_Section):
     @model_validator(mode="after")
     def _rules_compile(self) -> SelectionSettings:
         # Meaning (keywords, regular expressions, one kind per condition) is checked at
-        # load time; model names are checked when the models are loaded.
-        from aenode.select.rules import compile_rules
-
+        # load time; model names against the packages by `aenode config check` and serve.
         try:
-            compile_rules(self.rules, prefix="rules")
+            compile_rules(self.rules, prefix="selection.rules")
         except ConfigError as exc:
-            raise ValueError(str(exc).replace("\n", "\n  selection: ")) from None
+            raise _RuleErrors(str(exc)) from None
         return self
 
 
@@ -165,12 +168,29 @@ class RuntimeSettings(_Section):
     """Inference workers."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int = Field(default=0, ge=0, description="0 leaves torch's default")
+    threads: int = Field(
+        default=0, ge=0, description="CPU threads for torch in this process; 0 uses every core"
+    )
     job_timeout_seconds: float = Field(
         default=600.0, gt=0, description="per job, from submission to result (queueing included)"
     )
     mixed_precision: bool = Field(default=True, description="float16 autocast on CUDA only")
     deterministic: bool = Field(default=True, description="deterministic torch algorithms")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_threads(cls, data: Any) -> Any:
+        # runtime.torch_threads (first release) is runtime.threads now; still accepted.
+        if isinstance(data, dict) and "torch_threads" in data:
+            data = dict(data)
+            old = data.pop("torch_threads")
+            if "threads" in data:
+                raise ValueError(
+                    "give runtime.threads only (runtime.torch_threads is its old name)"
+                )
+            data["threads"] = old
+            log.warning("runtime.torch_threads is deprecated: it is now runtime.threads")
+        return data
 
 
 class ResultsSettings(_Section):
@@ -256,10 +276,22 @@ class Settings(_Section):
         return self.export.calling_ae_title or self.node.ae_title
 
 
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as aenode spells key paths: ``selection.rules[0].name``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(root)"
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(root)"
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, _RuleErrors):
+            lines.extend(str(cause).splitlines())
+            continue
+        path = key_path(err["loc"])
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]

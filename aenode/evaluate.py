@@ -10,9 +10,7 @@ scored per label: Dice, Jaccard, 95th-percentile Hausdorff distance (mm), volume
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -30,8 +28,9 @@ from aenode.infer.runtime import Runtime
 from aenode.records import SeriesInfo, Volume
 
 __all__ = [
-    "command_evaluate",
+    "finite",
     "evaluate_classification",
+    "evaluate_model",
     "evaluate_segmentation",
     "find_cases",
     "label_key",
@@ -333,48 +332,41 @@ def evaluate_classification(
     }
 
 
-def _print_segmentation(report: dict[str, Any]) -> None:
-    keys = [k for k in report["metrics"]["dice"] if k != "mean"]
-    print(f"{report['model']} {report['version']}: {report['n']} case(s)")
-    header = "case".ljust(24) + "".join(f"dice {k}".rjust(16) for k in keys)
-    print(header + "hd95 mm".rjust(12))
-    for row in report["cases"]:
-        hd = _mean([row["hd95_mm"][k] for k in keys])
-        print(
-            row["case"].ljust(24) + "".join(f"{row['dice'][k]:16.4f}" for k in keys) + f"{hd:12.2f}"
-        )
-    for metric, values in report["metrics"].items():
-        text = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
-        print(f"{metric:>18}: {text}")
-    for k, (lo, hi) in report["dice_ci95"].items():
-        print(f"{'dice 95% CI':>18}: {k} [{lo:.4f}, {hi:.4f}]")
-
-
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
     """JSON-safe copy: non-finite floats (an empty mask's Hausdorff distance) become null."""
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
 
 
-def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    """``aenode evaluate --model NAME --images DIR --labels DIR [--cases a,b] [--json]``.
+def evaluate_model(
+    settings: Settings,
+    model: str,
+    images: Path,
+    labels: Path,
+    cases: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Run a loaded model on images and score it against reference labels.
 
     Parameters
     ----------
-    args : argparse.Namespace
-        ``model``, ``images``, ``labels``, ``cases``, ``json``.
     settings : Settings
         ``models`` and ``runtime`` are used.
+    model : str
+        A model package's name.
+    images, labels : pathlib.Path
+        Folders (a classifier's labels may be a ``labels.csv`` file or its folder).
+    cases : sequence of str or None
+        Case names; None evaluates all.
 
     Returns
     -------
-    int
-        0 on success.
+    dict
+        The report, with ``task`` (``segmentation`` or ``classification``) added.
 
     Raises
     ------
@@ -382,21 +374,14 @@ def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         If the model is unknown or the folders or cases do not match.
     """
     registry = Registry.load(settings.models)
-    if args.model not in registry:
-        raise ConfigError(f"--model: {args.model!r} is not loaded (loaded: {registry.names()})")
-    card = registry.card(args.model)
-    names = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    if model not in registry:
+        raise ConfigError(f"--model: {model!r} is not loaded (loaded: {registry.names()})")
+    card = registry.card(model)
+    names = list(cases) if cases is not None else None
     with Runtime(registry, settings.runtime) as runtime:
         if card.task == "segmentation":
-            cases = find_cases(args.images, args.labels, names)
-            report = evaluate_segmentation(runtime, card, cases)
+            report = evaluate_segmentation(runtime, card, find_cases(images, labels, names))
         else:
-            labels_csv = args.labels / "labels.csv" if args.labels.is_dir() else args.labels
-            report = evaluate_classification(runtime, card, args.images, labels_csv, names)
-    if args.json:
-        print(json.dumps(_finite(report)))
-    elif card.task == "segmentation":
-        _print_segmentation(report)
-    else:
-        print(json.dumps(report["metrics"], indent=2))
-    return 0
+            labels_csv = labels / "labels.csv" if labels.is_dir() else labels
+            report = evaluate_classification(runtime, card, images, labels_csv, names)
+    return {**report, "task": card.task}

@@ -1,8 +1,14 @@
-"""Jobs: run a recorded job through volume -> infer -> results -> outbox.
+"""Jobs: the owner of the ``jobs`` table, and the runner (volume -> infer -> results -> outbox).
 
-Every state change and stage time is written to the ``jobs`` table, so ``aenode jobs`` shows
-where each job is and a restart resumes it. A job that fails ends in a visible state
-(``rejected`` for a volume that cannot be trusted, ``failed`` otherwise) with the reason.
+Only this module writes ``jobs`` rows. Others call its functions: the study tracker
+:func:`record_job`, the workers :func:`claim_job`, the outbox :func:`move` (exporting ->
+done or failed), ``aenode retry`` :func:`retry_job`; ``status`` reads :func:`recent_jobs`.
+Every state change is checked against :data:`aenode.states.TRANSITIONS` and every stage
+time written, so ``aenode jobs`` shows where each job is and a restart resumes it.
+
+A job that fails ends in a visible state with its reason: ``rejected`` for a volume that
+cannot be trusted; ``failed`` for other bad input or a peer's failure (the reason names
+the stage); ``failed`` with ``internal error: ...`` for a bug, logged with its traceback.
 """
 
 from __future__ import annotations
@@ -12,14 +18,16 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aenode.assemble import reject_series
-from aenode.records import Job, Volume
-from aenode.select.studies import job_from_row
-from aenode.store import Store
+from aenode.errors import InputError, PeerError
+from aenode.records import Job, SeriesInfo, Volume
+from aenode.states import IllegalTransition, JobState, transition
+from aenode.store import Store, StoreError
 
 if TYPE_CHECKING:
     from aenode.config import Settings
@@ -28,13 +36,256 @@ if TYPE_CHECKING:
     from aenode.infer.runtime import Runtime
     from aenode.results import ResultSet
 
-__all__ = ["JobOutcome", "JobRunner", "claim_job", "requeue_interrupted"]
+__all__ = [
+    "JobOutcome",
+    "JobRecord",
+    "JobRunner",
+    "claim_job",
+    "get_job",
+    "get_state",
+    "job_from_row",
+    "move",
+    "note",
+    "recent_jobs",
+    "record_job",
+    "requeue_interrupted",
+    "retry_job",
+    "series_from_json",
+    "series_to_json",
+]
 
 logger = logging.getLogger(__name__)
+
+_STAGES = (
+    ("complete", "t_received", "t_completed"),
+    ("wait", "t_completed", "t_started"),
+    ("infer", "t_started", "t_inferred"),
+    ("write", "t_inferred", "t_written"),
+    ("export", "t_written", "t_exported"),
+)
+
+
+# -- records -----------------------------------------------------------------------------
+
+
+def series_to_json(series: SeriesInfo) -> dict[str, Any]:
+    """A JSON-ready dict of a :class:`SeriesInfo` (paths as strings)."""
+    data = asdict(series)
+    data["files"] = [str(p) for p in series.files]
+    return data
+
+
+def series_from_json(data: Mapping[str, Any]) -> SeriesInfo:
+    """The inverse of :func:`series_to_json`."""
+    fields = dict(data)
+    fields["files"] = tuple(Path(p) for p in fields.get("files", ()))
+    return SeriesInfo(**fields)
+
+
+def job_from_row(row: sqlite3.Row | Mapping[str, Any]) -> Job:
+    """Rebuild a :class:`Job` from its row in the ``jobs`` table (after a restart).
+
+    Parameters
+    ----------
+    row : sqlite3.Row or mapping
+        With ``id``, ``rule``, ``model``, ``study_uid`` and ``inputs``.
+
+    Returns
+    -------
+    Job
+    """
+    inputs = {role: series_from_json(s) for role, s in json.loads(row["inputs"]).items()}
+    return Job(
+        rule=row["rule"],
+        model=row["model"],
+        study_uid=row["study_uid"],
+        inputs=inputs,
+        id=int(row["id"]),
+    )
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as ``aenode jobs`` and ``aenode status`` show it.
+
+    Attributes
+    ----------
+    id : int
+    rule, model, study_uid : str
+    state : JobState
+    reason, result_dir : str or None
+    t_received, t_completed, t_started, t_inferred, t_written, t_exported : float or None
+        Epoch seconds of each stage's end.
+    stages : dict of str to float
+        Stage -> seconds, for the stages that have both ends.
+    volumes_mm3 : dict of str to float
+        From the findings (segmentations).
+    """
+
+    id: int
+    rule: str
+    model: str
+    study_uid: str
+    state: JobState
+    reason: str | None
+    result_dir: str | None
+    t_received: float | None
+    t_completed: float | None
+    t_started: float | None
+    t_inferred: float | None
+    t_written: float | None
+    t_exported: float | None
+    stages: dict[str, float] = field(default_factory=dict)
+    volumes_mm3: dict[str, float] = field(default_factory=dict)
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    findings = json.loads(row["findings"]) if row["findings"] else {}
+    return JobRecord(
+        id=int(row["id"]),
+        rule=row["rule"],
+        model=row["model"],
+        study_uid=row["study_uid"],
+        state=JobState(row["state"]),
+        reason=row["reason"],
+        result_dir=row["result_dir"],
+        t_received=row["t_received"],
+        t_completed=row["t_completed"],
+        t_started=row["t_started"],
+        t_inferred=row["t_inferred"],
+        t_written=row["t_written"],
+        t_exported=row["t_exported"],
+        stages={
+            name: round(row[end] - row[start], 3)
+            for name, start, end in _STAGES
+            if row[start] and row[end]
+        },
+        volumes_mm3=findings.get("volumes_mm3", {}),
+    )
+
+
+# -- queries -----------------------------------------------------------------------------
+
+
+def recent_jobs(store: Store, limit: int = 50) -> list[JobRecord]:
+    """The most recent jobs, newest first, with per-stage seconds.
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    limit : int
+        At most this many rows.
+
+    Returns
+    -------
+    list of JobRecord
+    """
+    rows = store.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+    return [_record(row) for row in rows]
+
+
+def get_job(store: Store, job_id: int) -> JobRecord | None:
+    """The job with row id ``job_id``, or None."""
+    rows = store.execute("SELECT * FROM jobs WHERE id=?", (job_id,))
+    return _record(rows[0]) if rows else None
+
+
+# -- writes ------------------------------------------------------------------------------
+
+
+def record_job(
+    conn: sqlite3.Connection,
+    rule: str,
+    model: str,
+    study_uid: str,
+    inputs: Mapping[str, SeriesInfo],
+    now: float,
+) -> Job | None:
+    """Record a new ``queued`` job inside the caller's transaction, once.
+
+    Parameters
+    ----------
+    conn : sqlite3.Connection
+        A connection inside an open :meth:`Store.transaction`.
+    rule, model, study_uid : str
+        The selection rule, the model package and the study.
+    inputs : mapping of str to SeriesInfo
+        Role -> series.
+    now : float
+        Epoch seconds.
+
+    Returns
+    -------
+    Job or None
+        The job with ``id`` set; None if the same (rule, model, inputs) was recorded before.
+    """
+    received = min((s.first_arrival for s in inputs.values()), default=0.0)
+    completed = max((s.completed_at for s in inputs.values()), default=0.0)
+    encoded = json.dumps({role: series_to_json(s) for role, s in sorted(inputs.items())})
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO jobs (rule, model, study_uid, inputs, state, t_received,"
+        " t_completed, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (rule, model, study_uid, encoded, JobState.QUEUED, received, completed, now, now),
+    )
+    if cur.rowcount != 1:
+        return None
+    return Job(rule=rule, model=model, study_uid=study_uid, inputs=dict(inputs), id=cur.lastrowid)
+
+
+def move(conn: sqlite3.Connection, job_id: int, new: JobState, **fields: Any) -> JobState:
+    """Change a job's state (and other columns) inside the caller's transaction.
+
+    Parameters
+    ----------
+    conn : sqlite3.Connection
+        A connection inside an open :meth:`Store.transaction`.
+    job_id : int
+        The job's row id.
+    new : JobState
+        The state to move to.
+    **fields
+        Other ``jobs`` columns to set (``reason``, ``t_written``, ...).
+
+    Returns
+    -------
+    JobState
+        The state the job was in.
+
+    Raises
+    ------
+    aenode.states.IllegalTransition
+        If the move is not allowed.
+    StoreError
+        If there is no such job.
+    """
+    row = conn.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+    if row is None:
+        raise StoreError(f"no job {job_id}")
+    old = JobState(row["state"])
+    transition(old, new)
+    fields["updated_at"] = time.time()
+    cols = "".join(f", {k}=?" for k in fields)
+    conn.execute(f"UPDATE jobs SET state=?{cols} WHERE id=?", (new, *fields.values(), job_id))
+    return old
+
+
+def get_state(conn: sqlite3.Connection, job_id: int) -> JobState | None:
+    """A job's state read inside the caller's transaction, or None if there is no such job."""
+    row = conn.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+    return JobState(row["state"]) if row is not None else None
+
+
+def note(conn: sqlite3.Connection, job_id: int, reason: str | None) -> None:
+    """Set a job's reason without changing its state (an export retrying, for example)."""
+    conn.execute("UPDATE jobs SET reason=?, updated_at=? WHERE id=?", (reason, time.time(), job_id))
 
 
 def claim_job(store: Store, now: float | None = None) -> Job | None:
     """Take the oldest ``queued`` job (it becomes ``running``), or None.
+
+    Safe with several workers (threads or processes): the claim is one ``BEGIN IMMEDIATE``
+    transaction, so a job is handed to one worker only.
 
     Parameters
     ----------
@@ -49,13 +300,12 @@ def claim_job(store: Store, now: float | None = None) -> Job | None:
     """
     now = time.time() if now is None else now
     with store.transaction() as conn:
-        row = conn.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id LIMIT 1").fetchone()
+        row = conn.execute(
+            "SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (JobState.QUEUED,)
+        ).fetchone()
         if row is None:
             return None
-        conn.execute(
-            "UPDATE jobs SET state='running', t_started=?, updated_at=? WHERE id=?",
-            (now, now, row["id"]),
-        )
+        move(conn, row["id"], JobState.RUNNING, t_started=now)
     return job_from_row(row)
 
 
@@ -67,12 +317,50 @@ def requeue_interrupted(store: Store) -> int:
     int
         How many jobs were queued again.
     """
-    rows = store.execute(
-        "UPDATE jobs SET state='queued', updated_at=? WHERE state IN ('running', 'inferred')"
-        " RETURNING id",
-        (time.time(),),
-    )
+    with store.transaction() as conn:
+        rows = conn.execute(
+            "SELECT id FROM jobs WHERE state IN (?, ?)", (JobState.RUNNING, JobState.INFERRED)
+        ).fetchall()
+        for row in rows:
+            move(conn, row["id"], JobState.QUEUED)
     return len(rows)
+
+
+def retry_job(store: Store, job_id: int, outbox: Outbox | None) -> str:
+    """Queue a failed or rejected job again: its export when it got that far, else the job.
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    job_id : int
+        The job's row id.
+    outbox : Outbox or None
+        Used to queue the export again.
+
+    Returns
+    -------
+    str
+        ``"export"`` or ``"job"``: what was queued again.
+
+    Raises
+    ------
+    aenode.errors.InputError
+        If there is no such job or it is not failed or rejected.
+    """
+    job = get_job(store, job_id)
+    if job is None:
+        raise InputError(f"no job {job_id}")
+    if job.state not in (JobState.FAILED, JobState.REJECTED):
+        raise InputError(f"job {job_id} is {job.state.value}, not failed")
+    if job.t_written and outbox is not None and outbox.retry(job_id):
+        return "export"
+    with store.transaction() as conn:
+        move(conn, job_id, JobState.QUEUED, reason=None)
+    return "job"
+
+
+# -- running -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -80,7 +368,7 @@ class JobOutcome:
     """What happened to one job."""
 
     job: Job
-    state: str
+    state: JobState
     reason: str | None = None
     results: ResultSet | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -121,32 +409,58 @@ class JobRunner:
         self.outbox = outbox
         self.results_root = results_root or Path(settings.storage.path) / "results"
 
-    def _set(self, job: Job, **fields: Any) -> None:
-        fields["updated_at"] = time.time()
-        cols = ", ".join(f"{k}=?" for k in fields)
-        self.store.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job.id))
+    def _move(self, job: Job, new: JobState, **fields: Any) -> None:
+        with self.store.transaction() as conn:
+            move(conn, job.id or 0, new, **fields)
 
     def run(self, job: Job) -> JobOutcome:
         """Run one recorded job to the outbox; never raises for a job's own failure.
 
+        Bad input (:class:`~aenode.errors.InputError`) and a peer's failure
+        (:class:`~aenode.errors.PeerError`) end the job ``failed`` with the stage and the
+        reason (a volume that cannot be trusted: ``rejected``); any other exception is a
+        bug: logged with its traceback, the job ends ``failed`` with
+        ``internal error: ...``.
+
         Parameters
         ----------
         job : Job
-            A job recorded by the study tracker (``id`` set).
+            A job recorded by the study tracker (``id`` set), ``queued`` or claimed.
 
         Returns
         -------
         JobOutcome
             The final state (``exporting``, ``done``, ``rejected`` or ``failed``) and reason.
         """
-        from aenode.infer.runtime import InferenceError
+        ctx = {"job": job.id, "model": job.model, "study": job.study_uid}
+        stage = ["start"]
+        try:
+            return self._run(job, ctx, stage)
+        except (InputError, PeerError) as exc:
+            reason = f"{stage[0]}: {exc}"
+            logger.error("job failed: %s", reason, extra=ctx)
+        except Exception as exc:  # a bug: visible as such, with its traceback
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            logger.exception("job failed in %s: %s", stage[0], reason, extra=ctx)
+        try:
+            self._move(job, JobState.FAILED, reason=reason)
+        except IllegalTransition:  # it got past the point where it can fail
+            logger.exception("job %s: cannot record the failure", job.id, extra=ctx)
+        return JobOutcome(job, JobState.FAILED, reason)
+
+    def _run(self, job: Job, ctx: dict[str, Any], stage: list[str]) -> JobOutcome:
         from aenode.results import write_results
         from aenode.volume import VolumeError, build_volume
 
-        ctx = {"job": job.id, "model": job.model, "study": job.study_uid}
         timings: dict[str, float] = {}
         t0 = time.time()
-        self._set(job, state="running", reason=None)
+        with self.store.transaction() as conn:
+            old = conn.execute("SELECT state FROM jobs WHERE id=?", (job.id,)).fetchone()
+            if old is not None and old["state"] == JobState.RUNNING:
+                note(conn, job.id or 0, None)
+            else:  # run without a claim (aenode run)
+                move(conn, job.id or 0, JobState.RUNNING, reason=None, t_started=t0)
+        stage[0] = "volume"
         volumes: dict[str, Volume] = {}
         for role, series in job.inputs.items():
             try:
@@ -159,50 +473,32 @@ class JobRunner:
                 reason = f"role {role}: series {series.series_uid}: {exc}"
                 logger.warning("volume rejected: %s", reason, extra=ctx)
                 reject_series(self.store, series.series_uid, series.revision, str(exc))
-                self._set(job, state="rejected", reason=reason)
-                return JobOutcome(job, "rejected", reason)
+                self._move(job, JobState.REJECTED, reason=reason)
+                return JobOutcome(job, JobState.REJECTED, reason)
         timings["volume"] = time.time() - t0
+        stage[0] = "inference"
         t1 = time.time()
-        try:
-            prediction = self.runtime.predict(
-                job.model, volumes, fractional=self.settings.results.fractional
-            )
-        except InferenceError as exc:
-            logger.error("inference failed: %s", exc, extra=ctx)
-            self._set(job, state="failed", reason=f"inference: {exc}")
-            return JobOutcome(job, "failed", f"inference: {exc}")
+        prediction = self.runtime.predict(
+            job.model, volumes, fractional=self.settings.results.fractional
+        )
         timings["infer"] = time.time() - t1
-        self._set(job, state="inferred", t_inferred=time.time())
+        self._move(job, JobState.INFERRED, t_inferred=time.time())
+        stage[0] = "results"
         t2 = time.time()
         out_dir = self.results_root / f"job-{job.id:06d}"
         card = self.registry.card(job.model)
-        try:
-            results = write_results(job, volumes, prediction, card, self.settings.results, out_dir)
-        except (ValueError, AttributeError, OSError) as exc:
-            logger.error("writing results failed: %s", exc, extra=ctx)
-            self._set(job, state="failed", reason=f"results: {type(exc).__name__}: {exc}")
-            return JobOutcome(job, "failed", f"results: {exc}")
+        results = write_results(job, volumes, prediction, card, self.settings.results, out_dir)
         timings["write"] = time.time() - t2
+        stage[0] = "export"
         findings = json.dumps({"volumes_mm3": results.volumes_mm3, "notes": results.notes})
-        if self.outbox is not None and self.settings.export.destinations and results.files:
-            with self.store.transaction() as conn:
-                self.outbox.add(job.id or 0, results.files, conn=conn)
-                conn.execute(
-                    "UPDATE jobs SET state='exporting', t_written=?, result_dir=?, findings=?,"
-                    " updated_at=? WHERE id=?",
-                    (time.time(), str(out_dir), findings, time.time(), job.id),
-                )
-            state = "exporting"
-        else:
-            now = time.time()
-            self._set(
-                job,
-                state="done",
-                t_written=now,
-                result_dir=str(out_dir),
-                findings=findings,
-            )
-            state = "done"
+        written = {"t_written": time.time(), "result_dir": str(out_dir), "findings": findings}
+        with self.store.transaction() as conn:
+            queued = 0
+            if self.outbox is not None and results.files:
+                queued = self.outbox.add(job.id or 0, results.files, conn=conn)
+            # Nothing to send (no outbox, no destination, no file): done once written.
+            state = JobState.EXPORTING if queued else JobState.DONE
+            move(conn, job.id or 0, state, **written)
         logger.info(
             "job %s: %s (volume %.2fs, infer %.2fs, write %.2fs)",
             job.id,
@@ -215,7 +511,7 @@ class JobRunner:
         return JobOutcome(job, state, None, results, timings)
 
     def run_forever(self, stop: threading.Event, wakeup: threading.Event, poll: float) -> None:
-        """Run queued jobs until ``stop`` is set; a job's unexpected error fails that job only.
+        """Run queued jobs until ``stop`` is set; one job's failure fails that job only.
 
         Parameters
         ----------
@@ -239,10 +535,11 @@ class JobRunner:
                 continue
             try:
                 self.run(job)
-            except Exception as exc:  # a bug must fail the job visibly, not the node
-                logger.exception(
-                    "job %s failed unexpectedly", job.id, extra={"job": job.id, "model": job.model}
-                )
-                self._set(
-                    job, state="failed", reason=f"internal error: {type(exc).__name__}: {exc}"
+            except sqlite3.Error as exc:
+                # The failure could not even be recorded; a restart requeues the job.
+                logger.error(
+                    "job %s: store error while recording its outcome: %s",
+                    job.id,
+                    exc,
+                    extra={"job": job.id, "model": job.model},
                 )

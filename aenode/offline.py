@@ -7,17 +7,12 @@ runtime as ``aenode serve``, and the result objects are written under ``DIR/job-
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from aenode.config import Settings
-from aenode.infer.registry import Registry, RegistryError
+from aenode.infer.registry import Registry
 from aenode.infer.runtime import Runtime
 from aenode.jobs import JobOutcome, JobRunner
 from aenode.records import Job, SeriesInfo
@@ -26,7 +21,7 @@ from aenode.select.rules import compile_rules
 from aenode.select.studies import StudyTracker, role_requirements
 from aenode.store import Store
 
-__all__ = ["command_run", "run_offline"]
+__all__ = ["run_offline"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +57,9 @@ def run_offline(settings: Settings, paths: list[Path], out: Path) -> list[JobOut
         log.warning("skipped %s", line)
     out.mkdir(parents=True, exist_ok=True)
     outcomes: list[JobOutcome] = []
-    with tempfile.TemporaryDirectory(prefix="aenode-run-") as tmp:
-        store = Store(Path(tmp) / "run.db")
+    # The same interfaces as `aenode serve`, behind a private in-memory store.
+    store = Store(":memory:")
+    try:
         cards = {name: registry.card(name) for name in registry.names()}
         timeout = settings.selection.study_timeout_seconds
         tracker = StudyTracker(store, rules, role_requirements(cards), timeout=timeout)
@@ -89,54 +85,6 @@ def run_offline(settings: Settings, paths: list[Path], out: Path) -> list[JobOut
             runner = JobRunner(settings, store, registry, runtime, outbox=None, results_root=out)
             for job in jobs:
                 outcomes.append(runner.run(job))
+    finally:
         store.close()
     return outcomes
-
-
-def _summary(outcome: JobOutcome) -> dict[str, Any]:
-    job = outcome.job
-    res = outcome.results
-    return {
-        "job": job.id,
-        "rule": job.rule,
-        "model": job.model,
-        "inputs": {
-            role: {"series_uid": s.series_uid, "description": s.description}
-            for role, s in job.inputs.items()
-        },
-        "state": outcome.state,
-        "reason": outcome.reason,
-        "volumes_mm3": res.volumes_mm3 if res else {},
-        "files": [str(p) for p in res.files] if res else [],
-        "report_png": str(res.report_png) if res and res.report_png else None,
-        "notes": res.notes if res else [],
-        "seconds": outcome.timings,
-    }
-
-
-def command_run(args: argparse.Namespace, settings: Settings) -> int:
-    """The ``aenode run`` command: 0 when every job succeeded, 1 otherwise (or no job)."""
-    try:
-        outcomes = run_offline(settings, list(args.paths), args.out)
-    except RegistryError as exc:
-        print(f"aenode run: {exc}", file=sys.stderr)
-        return 2
-    summaries = [_summary(o) for o in outcomes]
-    if args.json:
-        print(json.dumps({"out": str(args.out), "jobs": summaries}, indent=2))
-    else:
-        if not summaries:
-            print("no series matched a selection rule (see `aenode select PATH`)")
-        for s in summaries:
-            inputs = ", ".join(f"{r}='{i['description']}'" for r, i in s["inputs"].items())
-            print(f"job {s['job']}: model {s['model']} on {inputs}: {s['state']}")
-            if s["reason"]:
-                print(f"  reason: {s['reason']}")
-            for label, mm3 in s["volumes_mm3"].items():
-                print(f"  {label:28} {mm3:10.1f} mm3  ({mm3 / 1000:.2f} mL)")
-            for path in s["files"]:
-                print(f"  wrote {path}")
-            if s["report_png"]:
-                print(f"  report page {s['report_png']}")
-    ok = bool(outcomes) and all(o.state == "done" for o in outcomes)
-    return 0 if ok else 1

@@ -12,30 +12,25 @@ Stages talk only through the store, so each could later run on another machine.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
-import sys
 import threading
-import time
 from pathlib import Path
-from types import FrameType
 
 from aenode.assemble import SERIES_TOPIC, Assembler, close_stale_associations
 from aenode.config import Settings
 from aenode.dispatch import Dispatcher
 from aenode.export.outbox import Outbox
-from aenode.infer.registry import Registry, RegistryError
+from aenode.infer.registry import Registry
 from aenode.infer.runtime import Runtime
 from aenode.jobs import JobRunner, requeue_interrupted
 from aenode.receive.spool import recover_spool
-from aenode.receive.workers import ReceiverError, ReceiverPool
+from aenode.receive.workers import ReceiverPool
 from aenode.select.rules import compile_rules
 from aenode.select.studies import StudyTracker, role_requirements
 from aenode.store import Store
 from aenode.warmup import warm_up
 
-__all__ = ["JOB_WORKERS", "Node", "command_serve"]
+__all__ = ["JOB_WORKERS", "Node"]
 
 JOB_WORKERS = 2
 """Job threads: one builds volumes or writes results while another waits on inference."""
@@ -164,38 +159,3 @@ class Node:
         if self._store is not None:
             self._store.close()
             self._store = None
-
-
-def command_serve(args: argparse.Namespace, settings: Settings) -> int:
-    """``aenode serve``: run until SIGTERM or SIGINT.
-
-    Returns
-    -------
-    int
-        0 after a graceful stop, 1 if the node could not start.
-    """
-    node = Node(settings)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("stopping on %s", signal.Signals(signum).name)
-        node.stop_event.set()
-
-    # Before start: a SIGTERM while models load or receivers fork must stop gracefully too.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        node.start()
-    except ReceiverError as exc:
-        log.error("cannot start: %s", exc)
-        node.stop()
-        return 1
-    except RegistryError as exc:
-        print(f"aenode: cannot start: {exc}", file=sys.stderr)
-        return 2
-    started = time.monotonic()
-    try:
-        node.wait()
-    finally:
-        node.stop()
-    log.info("stopped after %.0f s", time.monotonic() - started)
-    return 0

@@ -1,15 +1,28 @@
 """The embedded store: one SQLite database (WAL) holding all state that must survive a restart.
 
-Tables: ``instances`` (the spool ledger), ``series`` (assembly and completion, one row per
-revision), ``series_assocs`` (which associations delivered to a series revision),
-``associations`` (when each delivering association was released), ``queue`` (a
-durable work queue between stages), ``jobs`` (one per model run) and ``outbox`` (result
-delivery with retries). Each thread or process opens its own :class:`Store`.
+Each table has one owning module, the only one that writes it; every other module calls
+the owner's functions, which take and return dataclasses:
+
+=============================================================  ============================
+table                                                          owner
+=============================================================  ============================
+``instances``, ``series``, ``series_assocs``, ``associations``  :mod:`aenode.assemble`
+``queue`` (durable hand-over between stages)                   this module (:class:`Store`)
+``jobs`` (one per model run)                                   :mod:`aenode.jobs`
+``outbox`` (result delivery with retries)                      :mod:`aenode.export.outbox`
+``select_roles``, ``select_studies`` (study rules)             :mod:`aenode.select.studies`
+=============================================================  ============================
+
+The schema is versioned (``meta.schema``): a store written by an older release is migrated
+in place, one step at a time, when it is first opened (:data:`MIGRATIONS`). Each thread or
+process opens its own :class:`Store`; ``Store(":memory:")`` is a private in-memory store
+behind the same interface (``aenode run``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -19,9 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QueueItem", "Store", "StoreError", "SCHEMA_VERSION"]
+from aenode.errors import InternalError
+from aenode.states import QueueState, transition
 
-SCHEMA_VERSION = 1
+__all__ = ["MIGRATIONS", "QueueItem", "SCHEMA_VERSION", "Store", "StoreError"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+"""Version 1: the first release. Version 2: the study-role tables belong to the store
+(they were created by the study tracker) and the outbox is indexed by job."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -124,10 +144,63 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (job_id, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_try_at);
+CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
+CREATE TABLE IF NOT EXISTS select_roles (
+    rule TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    role TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    series TEXT NOT NULL,
+    matched_at REAL NOT NULL,
+    PRIMARY KEY (rule, study_uid, role)
+);
+CREATE TABLE IF NOT EXISTS select_studies (
+    rule TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'waiting',
+    first_match REAL NOT NULL,
+    last_match REAL NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (rule, study_uid)
+);
+CREATE INDEX IF NOT EXISTS select_studies_state ON select_studies (state, last_match);
 """
 
+MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: a version-1 store may hold the study-role tables (made by the tracker) or not.
+    1: """
+CREATE TABLE IF NOT EXISTS select_roles (
+    rule TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    role TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    series TEXT NOT NULL,
+    matched_at REAL NOT NULL,
+    PRIMARY KEY (rule, study_uid, role)
+);
+CREATE TABLE IF NOT EXISTS select_studies (
+    rule TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'waiting',
+    first_match REAL NOT NULL,
+    last_match REAL NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (rule, study_uid)
+);
+CREATE INDEX IF NOT EXISTS select_studies_state ON select_studies (state, last_match);
+CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
+""",
+}
+"""From-version -> statements that bring a store to the next version."""
 
-class StoreError(RuntimeError):
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+class StoreError(InternalError):
     """The store cannot be opened or is of an unknown schema; the message names the file."""
 
 
@@ -147,8 +220,9 @@ class Store:
 
     Parameters
     ----------
-    path : pathlib.Path
+    path : pathlib.Path or str
         The database file (``<storage.path>/aenode.db``); its folder is created.
+        ``":memory:"`` opens a private in-memory store (nothing survives ``close``).
     timeout : float
         Seconds to wait for a lock held by another connection or process.
     durable : bool
@@ -157,9 +231,10 @@ class Store:
         (survives a crash of the process).
     """
 
-    def __init__(self, path: Path, timeout: float = 30.0, durable: bool = False) -> None:
+    def __init__(self, path: Path | str, timeout: float = 30.0, durable: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = sqlite3.connect(
                 str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False
@@ -174,20 +249,43 @@ class Store:
         self._migrate()
 
     def _migrate(self) -> None:
-        # executescript commits on its own, so it runs outside an explicit transaction.
-        with self._lock:
-            self._conn.executescript(_SCHEMA)
-            row = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                    (str(SCHEMA_VERSION),),
+        # One BEGIN IMMEDIATE transaction, so that processes opening the store at once
+        # migrate it once; the version is read again inside it.
+        with self.transaction() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            has_tables = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='instances'"
+            ).fetchone()
+            if row is None and has_tables is None:
+                for statement in _statements(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
                 )
-            elif int(row["value"]) > SCHEMA_VERSION:
+                return
+            version = int(row["value"]) if row is not None else 1
+            if version > SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path}: schema version {row['value']} is newer than this aenode "
+                    f"{self.path}: schema version {version} is newer than this aenode "
                     f"({SCHEMA_VERSION})"
                 )
+            start = version
+            while version < SCHEMA_VERSION:
+                for statement in _statements(MIGRATIONS[version]):
+                    conn.execute(statement)
+                version += 1
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(version),)
+            )
+        if start != version:
+            log.warning("store %s migrated from schema %d to %d", self.path, start, version)
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version recorded in the store."""
+        rows = self.execute("SELECT value FROM meta WHERE key='schema'")
+        return int(rows[0]["value"])
 
     def close(self) -> None:
         """Close the connection."""
@@ -266,8 +364,8 @@ class Store:
             if row is None:
                 return None
             conn.execute(
-                "UPDATE queue SET state='claimed', attempts=attempts+1, updated_at=? WHERE id=?",
-                (now, row["id"]),
+                "UPDATE queue SET state=?, attempts=attempts+1, updated_at=? WHERE id=?",
+                (transition(row["state"], QueueState.CLAIMED), now, row["id"]),
             )
         return QueueItem(
             id=row["id"],
@@ -277,25 +375,43 @@ class Store:
             attempts=row["attempts"] + 1,
         )
 
+    def _move(self, item_id: int, new: QueueState, **fields: Any) -> None:
+        with self.transaction() as conn:
+            row = conn.execute("SELECT state FROM queue WHERE id=?", (item_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"{self.path}: no queue item {item_id}")
+            transition(row["state"], new)
+            fields["updated_at"] = time.time()
+            cols = ", ".join(f"{k}=?" for k in fields)
+            conn.execute(
+                f"UPDATE queue SET state=?, {cols} WHERE id=?", (new, *fields.values(), item_id)
+            )
+
     def ack(self, item_id: int) -> None:
         """Mark a claimed item done."""
-        self.execute(
-            "UPDATE queue SET state='done', updated_at=? WHERE id=?", (time.time(), item_id)
-        )
+        self._move(item_id, QueueState.DONE)
 
     def nack(self, item_id: int, error: str, retry_at: float | None = None) -> None:
         """Give a claimed item back: ready again at ``retry_at``, or ``failed`` if None."""
-        now = time.time()
         if retry_at is None:
-            self.execute(
-                "UPDATE queue SET state='failed', error=?, updated_at=? WHERE id=?",
-                (error, now, item_id),
-            )
+            self._move(item_id, QueueState.FAILED, error=error)
         else:
+            self._move(item_id, QueueState.READY, error=error, not_before=retry_at)
+
+    def has_ready(self, topic: str) -> bool:
+        """True if an item of ``topic`` is ready to be claimed (now or later)."""
+        return bool(
             self.execute(
-                "UPDATE queue SET state='ready', error=?, not_before=?, updated_at=? WHERE id=?",
-                (error, retry_at, now, item_id),
+                "SELECT 1 FROM queue WHERE topic=? AND state=? LIMIT 1", (topic, QueueState.READY)
             )
+        )
+
+    def counts(self, topic: str) -> dict[QueueState, int]:
+        """How many items of ``topic`` are in each state (for ``aenode status``)."""
+        rows = self.execute(
+            "SELECT state, COUNT(*) AS n FROM queue WHERE topic=? GROUP BY state", (topic,)
+        )
+        return {QueueState(r["state"]): int(r["n"]) for r in rows}
 
     def requeue_claimed(self, topic: str | None = None) -> int:
         """After a restart, hand out again the items claimed by a process that died.
@@ -305,8 +421,10 @@ class Store:
         int
             How many items became ready again.
         """
-        sql = "UPDATE queue SET state='ready', updated_at=? WHERE state='claimed'"
-        args: tuple[Any, ...] = (time.time(),)
+        # CLAIMED -> READY, the one move this does (see aenode.states.TRANSITIONS).
+        ready = transition(QueueState.CLAIMED, QueueState.READY)
+        sql = "UPDATE queue SET state=?, updated_at=? WHERE state=?"
+        args: tuple[Any, ...] = (ready, time.time(), QueueState.CLAIMED)
         if topic is not None:
             sql += " AND topic=?"
             args += (topic,)

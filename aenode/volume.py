@@ -47,6 +47,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 
+from aenode.errors import InputError
 from aenode.records import SeriesInfo, Volume
 
 __all__ = ["VolumeError", "build_volume", "build_volume_from_files", "read_headers"]
@@ -62,7 +63,7 @@ _WAIVABLE = frozenset({"tilt", "gaps", "spacing"})
 _INT16 = np.iinfo(np.int16)
 
 
-class VolumeError(ValueError):
+class VolumeError(InputError):
     """A series that cannot be built into one regular volume; the message is the reason."""
 
 

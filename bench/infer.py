@@ -33,7 +33,7 @@ def main() -> None:
     for study in ("Study1", "Study2"):
         folder = next((DATA / study).glob("*HCropVolume"))
         volumes.append(build_volume_from_files(sorted(folder.glob("*.dcm"))))
-    settings = RuntimeSettings(device="cpu", torch_threads=2)
+    settings = RuntimeSettings(device="cpu", threads=2)
 
     t1 = time.perf_counter()
     registry = Registry.load(ModelsSettings(path=ROOT / "models", enabled=["hippocampus"]))

@@ -35,7 +35,7 @@ def test_hippocrop_series_gets_both_labels_with_plausible_volumes(
     folder = next((data_dir / "udacity-mr" / study).glob("*HCropVolume"))
     volume = build_volume_from_files(sorted(folder.glob("*.dcm")))
     assert volume.series.description == "HippoCrop"
-    with Runtime(registry, RuntimeSettings(device="cpu", torch_threads=2)) as runtime:
+    with Runtime(registry, RuntimeSettings(device="cpu", threads=2)) as runtime:
         pred = runtime.predict("hippocampus", {"image": volume})
     assert pred.labels is not None
     labels = sitk.GetArrayFromImage(pred.labels)

@@ -30,8 +30,10 @@ from aenode.export.outbox import (
     parse_destination,
 )
 from aenode.infer.cards import ModelCard
-from aenode.records import Job
+from aenode.jobs import move, record_job
+from aenode.records import Job, SeriesInfo
 from aenode.results import write_results
+from aenode.states import JobState
 from aenode.store import Store
 
 HIPPO = "udacity-mr/Study1/13_HCropVolume"
@@ -53,13 +55,15 @@ def make_results(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def new_job(store: Store) -> int:
+    """A job recorded and run up to inference, through the owner of the jobs table."""
     now = time.time()
-    rows = store.execute(
-        "INSERT INTO jobs (rule, model, study_uid, inputs, state, created_at, updated_at)"
-        " VALUES ('hippo', 'hippocampus', '1.2.3', ?, 'written', ?, ?) RETURNING id",
-        (json.dumps([str(now), os.urandom(4).hex()]), now, now),
-    )
-    return int(rows[0]["id"])
+    series = SeriesInfo("1.2.3", os.urandom(4).hex(), 0, "MR", "", ())
+    with store.transaction() as conn:
+        job = record_job(conn, "hippo", "hippocampus", "1.2.3", {"image": series}, now)
+        assert job is not None and job.id is not None
+        move(conn, job.id, JobState.RUNNING, t_started=now)
+        move(conn, job.id, JobState.INFERRED, t_inferred=now)
+    return job.id
 
 
 def job_row(store: Store, job_id: int) -> dict:
@@ -126,10 +130,12 @@ def test_unreadable_file_is_refused_before_queueing(store: Store, tmp_path: Path
     assert store.execute("SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 0
 
 
-def test_no_destination_marks_job_done(store: Store, make_results) -> None:
+def test_no_destination_queues_nothing(store: Store, make_results) -> None:
+    # The job runner decides that such a job is done (test_jobs_volume.py).
     job = new_job(store)
     assert Outbox(store, ExportSettings(), "AENODE").add(job, make_results()) == 0
-    assert job_row(store, job)["state"] == "done"
+    assert outbox_rows(store, job) == []
+    assert job_row(store, job)["state"] == "inferred"
 
 
 @pytest.mark.network
@@ -142,7 +148,8 @@ def test_sent_to_storescp_and_job_done(store: Store, make_results, tmp_path: Pat
         outbox = Outbox(store, export_settings((port, "STORESCP")), "AENODE")
         with store.transaction() as conn:  # atomically with the caller's own writes
             assert outbox.add(job, files, conn=conn) == 1
-        assert outbox.add(job, files) == 0  # queued once
+        assert outbox.add(job, files) == 1  # still the one row to send: queued once
+        assert len(outbox_rows(store, job)) == 1
         assert outbox.run_due() == 1
         assert outbox.run_due() == 0
     finally:
@@ -269,7 +276,7 @@ def test_orthanc_outage_retried_none_twice(
     (row,) = outbox_rows(store, job2)
     assert row["state"] == "pending" and row["attempts"] == 1
     assert f"ORTHANC@127.0.0.1:{orthanc_server.dicom_port}" in row["last_error"]
-    assert job_row(store, job2)["state"] == "written"
+    assert job_row(store, job2)["state"] == "inferred"
 
     orthanc_server.start()
     stop = threading.Event()

@@ -31,7 +31,7 @@ def registry() -> Registry:
 
 @pytest.fixture(scope="module")
 def runtime(registry: Registry) -> Iterator[Runtime]:
-    rt = Runtime(registry, RuntimeSettings(device="cpu", torch_threads=2))
+    rt = Runtime(registry, RuntimeSettings(device="cpu", threads=2))
     yield rt
     rt.close()
 

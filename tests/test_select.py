@@ -131,11 +131,11 @@ def test_invalid_rule_stops_settings_load(tmp_path: Path) -> None:
         "          - {tag: SeriesDescription, regex: 'a(b'}\n"
     )
     with pytest.raises(
-        ConfigError, match=r"selection: rules\[0\]\.series\.all\[1\]\.regex: bad regular"
+        ConfigError, match=r"selection\.rules\[0\]\.series\.all\[1\]\.regex: bad regular"
     ):
         load_settings(cfg, environ={})
     cfg.write_text("selection:\n  rules:\n    - name: x\n      models: [m]\n      serie: {}\n")
-    with pytest.raises(ConfigError, match=r"selection\.rules\.0\.serie: unknown key"):
+    with pytest.raises(ConfigError, match=r"selection\.rules\[0\]\.serie: unknown key"):
         load_settings(cfg, environ={})
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from pydicom.uid import generate_uid
 
-from aenode import __version__
+from aenode.errors import PeerError
+from aenode.version import __version__
 
 __all__ = [
     "AssociationError",
@@ -49,7 +50,7 @@ _RJ_REASONS = {
 }
 
 
-class AssociationError(ConnectionError):
+class AssociationError(PeerError):
     """The association failed (refused, rejected, aborted, timed out); names the peer."""
 
 

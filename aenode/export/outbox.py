@@ -1,6 +1,7 @@
 """The durable outbox: a job's result files go to every destination, retried until sent.
 
-All state is in the store's ``outbox`` table, so retries survive restarts: one row per
+This module owns the store's ``outbox`` table (the job rows it finishes are changed through
+:mod:`aenode.jobs`). All state is in the table, so retries survive restarts: one row per
 (job, destination) with the files and which of them the destination already holds (a
 retry sends only the rest, so no object is sent twice), the number of tries, when the
 next is due and the last error. Back-off doubles from ``retry.initial_seconds`` up to
@@ -22,8 +23,11 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from aenode import jobs
 from aenode.config import DestinationSettings, ExportSettings
+from aenode.errors import InputError
 from aenode.export.scu import SendOutcome, send_files
+from aenode.states import JobState, OutboxState, transition
 from aenode.store import Store
 
 __all__ = ["Outbox", "OutboxError", "backoff_seconds", "destination_key", "parse_destination"]
@@ -31,7 +35,7 @@ __all__ = ["Outbox", "OutboxError", "backoff_seconds", "destination_key", "parse
 log = logging.getLogger(__name__)
 
 
-class OutboxError(ValueError):
+class OutboxError(InputError):
     """Files that cannot be queued, or a destination key that cannot be parsed."""
 
 
@@ -118,8 +122,8 @@ class Outbox:
         Returns
         -------
         int
-            Rows added (0 when already queued, or when no destination is configured, in
-            which case the job is marked ``done`` at once).
+            The job's rows still to be sent (0 when no destination is configured: the
+            caller decides that the job is done).
 
         Raises
         ------
@@ -134,20 +138,23 @@ class Outbox:
             return self._add(own, job_id, entries, now)
 
     def _add(self, conn: sqlite3.Connection, job_id: int, entries: str, now: float) -> int:
-        if not self.settings.destinations:
-            conn.execute(
-                "UPDATE jobs SET state='done', reason=?, t_exported=?, updated_at=? WHERE id=?",
-                ("no export destinations configured", now, now, job_id),
-            )
-            return 0
-        added = 0
         for destination in self.settings.destinations:
-            added += conn.execute(
-                "INSERT OR IGNORE INTO outbox (job_id, destination, files, next_try_at)"
-                " VALUES (?, ?, ?, ?)",
-                (job_id, destination_key(destination), entries, now),
-            ).rowcount
-        return added
+            conn.execute(
+                "INSERT OR IGNORE INTO outbox (job_id, destination, files, state, next_try_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (job_id, destination_key(destination), entries, OutboxState.PENDING, now),
+            )
+        (open_rows,) = conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE job_id=? AND state!=?", (job_id, OutboxState.SENT)
+        ).fetchone()
+        return int(open_rows)
+
+    @staticmethod
+    def _move(conn: sqlite3.Connection, row_id: int, new: OutboxState, **fields: Any) -> None:
+        row = conn.execute("SELECT state FROM outbox WHERE id=?", (row_id,)).fetchone()
+        transition(row["state"], new)
+        cols = "".join(f", {k}=?" for k in fields)
+        conn.execute(f"UPDATE outbox SET state=?{cols} WHERE id=?", (new, *fields.values(), row_id))
 
     def recover(self) -> int:
         """After a restart, make rows claimed by a process that died due again.
@@ -157,11 +164,13 @@ class Outbox:
         int
             Rows handed back.
         """
-        return len(
-            self.store.execute(
-                "UPDATE outbox SET state='pending' WHERE state='sending' RETURNING id"
-            )
-        )
+        with self.store.transaction() as conn:
+            rows = conn.execute(
+                "SELECT id FROM outbox WHERE state=?", (OutboxState.SENDING,)
+            ).fetchall()
+            for row in rows:
+                self._move(conn, row["id"], OutboxState.PENDING)
+        return len(rows)
 
     def retry(self, job_id: int) -> bool:
         """Queue a job's failed rows again, with a fresh retry budget.
@@ -173,16 +182,21 @@ class Outbox:
         """
         now = time.time()
         with self.store.transaction() as conn:
-            count = conn.execute(
-                "UPDATE outbox SET state='pending', attempts=0, first_try_at=NULL, next_try_at=?"
-                " WHERE job_id=? AND state='failed'",
-                (now, job_id),
-            ).rowcount
-            if count:
-                conn.execute(
-                    "UPDATE jobs SET state='exporting', reason=NULL, updated_at=? WHERE id=?",
-                    (now, job_id),
+            rows = conn.execute(
+                "SELECT id FROM outbox WHERE job_id=? AND state=?", (job_id, OutboxState.FAILED)
+            ).fetchall()
+            for row in rows:
+                self._move(
+                    conn,
+                    row["id"],
+                    OutboxState.PENDING,
+                    attempts=0,
+                    first_try_at=None,
+                    next_try_at=now,
                 )
+            count = len(rows)
+            if count:
+                jobs.move(conn, job_id, JobState.EXPORTING, reason=None)
         if count:
             log.info("export queued again (%d destination(s))", count, extra={"job": job_id})
         return count > 0
@@ -192,12 +206,11 @@ class Outbox:
     def _claim(self, now: float) -> list[sqlite3.Row]:
         with self.store.transaction() as conn:
             rows = conn.execute(
-                "SELECT * FROM outbox WHERE state='pending' AND next_try_at<=?"
-                " ORDER BY next_try_at, id",
-                (now,),
+                "SELECT * FROM outbox WHERE state=? AND next_try_at<=? ORDER BY next_try_at, id",
+                (OutboxState.PENDING, now),
             ).fetchall()
             for row in rows:
-                conn.execute("UPDATE outbox SET state='sending' WHERE id=?", (row["id"],))
+                self._move(conn, row["id"], OutboxState.SENDING)
         return rows
 
     def run_due(self, now: float | None = None) -> int:
@@ -256,15 +269,17 @@ class Outbox:
         delay = backoff_seconds(attempts, retry.initial_seconds, retry.max_interval_seconds)
         next_try = min(now + delay, first + retry.give_up_after_seconds)
         with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE outbox SET state='pending', files=?, attempts=?, first_try_at=?,"
-                " next_try_at=?, last_error=? WHERE id=?",
-                (files, attempts, first, next_try, reason, row["id"]),
+            self._move(
+                conn,
+                row["id"],
+                OutboxState.PENDING,
+                files=files,
+                attempts=attempts,
+                first_try_at=first,
+                next_try_at=next_try,
+                last_error=reason,
             )
-            conn.execute(
-                "UPDATE jobs SET reason=?, updated_at=? WHERE id=?",
-                (f"export retrying ({attempts} tries): {reason}", now, row["job_id"]),
-            )
+            jobs.note(conn, row["job_id"], f"export retrying ({attempts} tries): {reason}")
         log.warning(
             "export try %d failed, next in %.1f s: %s",
             attempts,
@@ -275,20 +290,22 @@ class Outbox:
 
     def _finish_sent(self, row: sqlite3.Row, now: float, files: str, ctx: dict[str, Any]) -> None:
         with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE outbox SET state='sent', files=?, attempts=attempts+1, sent_at=?,"
-                " first_try_at=COALESCE(first_try_at, ?), last_error=NULL WHERE id=?",
-                (files, now, now, row["id"]),
+            self._move(
+                conn,
+                row["id"],
+                OutboxState.SENT,
+                files=files,
+                attempts=row["attempts"] + 1,
+                sent_at=now,
+                first_try_at=row["first_try_at"] if row["first_try_at"] is not None else now,
+                last_error=None,
             )
             open_rows = conn.execute(
-                "SELECT COUNT(*) FROM outbox WHERE job_id=? AND state!='sent'", (row["job_id"],)
+                "SELECT COUNT(*) FROM outbox WHERE job_id=? AND state!=?",
+                (row["job_id"], OutboxState.SENT),
             ).fetchone()[0]
             if open_rows == 0:
-                conn.execute(
-                    "UPDATE jobs SET state='done', reason=NULL, t_exported=?, updated_at=?"
-                    " WHERE id=?",
-                    (now, now, row["job_id"]),
-                )
+                jobs.move(conn, row["job_id"], JobState.DONE, reason=None, t_exported=now)
         log.info("export sent", extra=ctx)
 
     def _finish_failed(
@@ -303,24 +320,27 @@ class Outbox:
     ) -> None:
         attempts = row["attempts"] + 1 if attempts is None else attempts
         with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE outbox SET state='failed', files=?, attempts=?, last_error=?,"
-                " first_try_at=COALESCE(first_try_at, ?) WHERE id=?",
-                (files or row["files"], attempts, reason, now, row["id"]),
+            self._move(
+                conn,
+                row["id"],
+                OutboxState.FAILED,
+                files=files or row["files"],
+                attempts=attempts,
+                last_error=reason,
+                first_try_at=row["first_try_at"] if row["first_try_at"] is not None else now,
             )
-            conn.execute(
-                "UPDATE jobs SET state='failed', reason=?, updated_at=? WHERE id=?",
-                (
-                    f"export to {row['destination']} failed after {attempts} tries: {reason}",
-                    now,
-                    row["job_id"],
-                ),
-            )
+            why = f"export to {row['destination']} failed after {attempts} tries: {reason}"
+            if jobs.get_state(conn, row["job_id"]) == JobState.FAILED:
+                jobs.note(conn, row["job_id"], why)  # another destination failed first
+            else:
+                jobs.move(conn, row["job_id"], JobState.FAILED, reason=why)
         log.error("export failed for good after %d tries: %s", attempts, reason, extra=ctx)
 
     def next_due(self) -> float | None:
         """Epoch seconds of the earliest pending row, or None."""
-        rows = self.store.execute("SELECT MIN(next_try_at) AS t FROM outbox WHERE state='pending'")
+        rows = self.store.execute(
+            "SELECT MIN(next_try_at) AS t FROM outbox WHERE state=?", (OutboxState.PENDING,)
+        )
         value = rows[0]["t"] if rows else None
         return float(value) if value is not None else None
 

@@ -9,7 +9,6 @@ The same module answers :func:`echo` (C-ECHO).
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode, split_dataset
 
-from aenode.config import DestinationSettings, Settings
+from aenode.config import DestinationSettings
 from aenode.export.association import (
     IMPLICIT_VR_LE,
     VERIFICATION,
@@ -31,7 +30,7 @@ from aenode.export.association import (
     StoreResponse,
 )
 
-__all__ = ["SendOutcome", "command_echo", "echo", "echo_reason", "send_files"]
+__all__ = ["SendOutcome", "echo", "echo_reason", "send_files"]
 
 log = logging.getLogger(__name__)
 
@@ -301,22 +300,3 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float =
         True if the peer answered with a success status.
     """
     return echo_reason(host, port, called_ae, calling_ae, timeout) is None
-
-
-def command_echo(args: argparse.Namespace, settings: Settings) -> int:
-    """``aenode echo HOST PORT [--aet CALLED] [--calling-aet OURS]``: print the outcome.
-
-    Returns
-    -------
-    int
-        0 if the peer answered with success, 1 otherwise.
-    """
-    calling = args.calling_aet or settings.calling_ae
-    reason = echo_reason(
-        args.host, args.port, args.aet, calling, settings.export.retry.timeout_seconds
-    )
-    if reason is None:
-        print(f"C-ECHO {args.aet}@{args.host}:{args.port}: success")
-        return 0
-    print(f"C-ECHO failed: {reason}")
-    return 1

@@ -9,9 +9,7 @@ a checksum mismatch, weights that do not fit the architecture) stops start-up wi
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +20,26 @@ import yaml
 from pydantic import ValidationError
 
 from aenode.config import ModelsSettings, Settings
+from aenode.errors import InputError
 from aenode.infer.cards import ModelCard
 from aenode.infer.zoo import ARCHITECTURES, build_network
+from aenode.select.rules import compile_rules
 
-__all__ = ["LoadedModel", "Registry", "RegistryError", "command_models", "load_package"]
+__all__ = [
+    "LoadedModel",
+    "Registry",
+    "RegistryError",
+    "check_selection",
+    "load_package",
+    "model_summary",
+]
 
 log = logging.getLogger(__name__)
 
 CARD_FILE = "model.yaml"
 
 
-class RegistryError(ValueError):
+class RegistryError(InputError):
     """A model package that cannot be used; the message names the file, field and reason."""
 
 
@@ -296,7 +303,7 @@ class Registry:
         return len(self._models)
 
 
-def _summary(model: LoadedModel) -> dict[str, Any]:
+def model_summary(model: LoadedModel) -> dict[str, Any]:
     card = model.card
     val = card.metrics.get("validation", {}) if isinstance(card.metrics, dict) else {}
     dice = {k: v["dice"] for k, v in val.items() if isinstance(v, dict) and "dice" in v}
@@ -316,39 +323,27 @@ def _summary(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def command_models(args: argparse.Namespace, settings: Settings) -> int:
-    """``aenode models [--json]``: validate and list the model packages.
+def check_selection(settings: Settings) -> list[str]:
+    """Validate the model packages under ``models.path`` and the rules' model names.
 
     Parameters
     ----------
-    args : argparse.Namespace
-        ``json``: print one JSON object ``{"models": [...]}``.
     settings : Settings
-        ``models`` is used.
+        ``models`` and ``selection.rules``.
 
     Returns
     -------
-    int
-        0 when every package is valid, 1 (with the reason on stderr) otherwise.
-    """
-    import sys
+    list of str
+        The names of the packages found.
 
-    try:
-        registry = Registry.load(settings.models)
-    except RegistryError as exc:
-        print(f"aenode: {exc}", file=sys.stderr)
-        return 1
-    rows = [_summary(registry.get(n)) for n in registry.names()]
-    if args.json:
-        print(json.dumps({"models": rows}, indent=2))
-        return 0
-    if not rows:
-        print(f"no model packages under {settings.models.path}")
-    for row in rows:
-        outputs = ", ".join(row["labels"] or row["classes"])
-        dice = " ".join(f"{k}={v:.3f}" for k, v in row["validation_dice"].items())
-        print(
-            f"{row['name']} {row['version']}  {row['task']} {row['modality']}  [{outputs}]  "
-            f"{row['weights_mb']} MB" + (f"  validation Dice {dice}" if dice else "")
-        )
-    return 0
+    Raises
+    ------
+    RegistryError
+        If a package is invalid.
+    aenode.config.ConfigError
+        If a rule names a model that is not there; the message names the key path
+        (``selection.rules[0].models[0]: unknown model 'lungs' (known: hippocampus)``).
+    """
+    registry = Registry.load(settings.models)
+    compile_rules(settings.selection.rules, known_models=registry.names())
+    return registry.names()

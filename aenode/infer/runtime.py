@@ -27,10 +27,12 @@ import SimpleITK as sitk
 import torch
 
 from aenode.config import ConfigError, RuntimeSettings
+from aenode.errors import InputError
 from aenode.infer.cards import ModelCard
 from aenode.infer.forward import predict_probs
 from aenode.infer.preprocess import Prepared, prepare, restore_labels, restore_probs
 from aenode.infer.registry import Registry
+from aenode.process import resolve_threads
 from aenode.records import Prediction, Volume
 
 __all__ = ["InferenceError", "Runtime", "resolve_devices"]
@@ -38,8 +40,8 @@ __all__ = ["InferenceError", "Runtime", "resolve_devices"]
 log = logging.getLogger(__name__)
 
 
-class InferenceError(RuntimeError):
-    """A job that could not be run; the message names the model and the reason."""
+class InferenceError(InputError):
+    """A job the model could not run on (shape, roles, timeout); names the model and why."""
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
@@ -107,8 +109,9 @@ class _Worker:
 
     # -- the worker thread ------------------------------------------------------------
     def _loop(self) -> None:
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
+        # torch's thread count is kept per OS thread: the worker takes the process's
+        # setting (aenode.process.apply_process_settings) for itself.
+        torch.set_num_threads(resolve_threads(self.settings))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         pending: list[_Job] = []
@@ -276,18 +279,14 @@ class Runtime:
     registry : Registry
         The loaded models.
     settings : aenode.config.RuntimeSettings
-        ``device``, ``torch_threads``, ``job_timeout_seconds``, ``mixed_precision`` (CUDA
-        only; the CPU path runs float32) and ``deterministic``.
+        ``device``, ``job_timeout_seconds`` and ``mixed_precision`` (CUDA only; the CPU
+        path runs float32). Threads and determinism are process-wide:
+        :func:`aenode.process.apply_process_settings`.
     """
 
     def __init__(self, registry: Registry, settings: RuntimeSettings) -> None:
         self.registry = registry
         self.settings = settings
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        if settings.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
         self.devices = resolve_devices(settings.device)
         self._workers = [_Worker(d, registry, settings) for d in self.devices]
         self._next = 0

@@ -378,9 +378,9 @@ def train_hippocampus(
 
     started = time.perf_counter()
     budget = minutes * 60.0
-    torch.set_num_threads(2)
+    # Threads and deterministic algorithms: process-wide, set at start-up from runtime.threads
+    # and runtime.deterministic (aenode.process.apply_process_settings).
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     rng = np.random.default_rng(seed)
     names = _case_names(data)
     train_names, val_names = split_cases(names, seed)

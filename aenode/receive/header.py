@@ -17,6 +17,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from aenode.assemble import expected_count
+from aenode.errors import InputError
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -36,7 +37,7 @@ _LAST_TAG = 0x00540101
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
-class InvalidInstance(ValueError):
+class InvalidInstance(InputError):
     """A data set that cannot be accepted; ``status`` is the DIMSE failure status to answer.
 
     Parameters

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import socketserver
 import sqlite3
 import threading
 import time
@@ -34,6 +35,7 @@ from pynetdicom.presentation import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from aenode.assemble import record_association_end
 from aenode.config import PeerSettings, Settings
 from aenode.receive.header import InvalidInstance, header_from_dataset, parse_header
 from aenode.receive.spool import OutOfSpace, Spool
@@ -75,6 +77,17 @@ class ReceiverServer(ThreadedAssociationServer):
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def shutdown(self) -> None:
+        """Stop serving and close the listening socket.
+
+        pynetdicom's ``shutdown`` also removes the server from the list the AE keeps of the
+        servers ``AE.start_server`` made, which this one (from ``AE.make_server``, the only
+        way to pass a server class) is not on; ``start_server(block=False)`` takes no
+        server class (pydicom/pynetdicom#533). So only the socketserver part runs here.
+        """
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 @dataclass
@@ -233,12 +246,13 @@ def handle_ended(event: Event, receiver: Receiver) -> None:
     state = receiver.pop(event)
     if state is None or state.delivered == 0:
         return
-    now = time.time()
-    receiver.store.execute(
-        "INSERT INTO associations (assoc_id, calling_ae, peer_host, started_at, released_at)"
-        " VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (assoc_id) DO UPDATE SET released_at=excluded.released_at",
-        (state.assoc_id, state.calling_ae, state.peer_host, state.started_at, now),
+    record_association_end(
+        receiver.store,
+        state.assoc_id,
+        state.calling_ae,
+        state.peer_host,
+        state.started_at,
+        time.time(),
     )
     log.debug(
         "association ended (%s) after %d instance(s)",
@@ -339,7 +353,6 @@ def serve_receiver(
     except OSError as exc:
         store.close()
         raise OSError(exc.errno, f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
-    ae._servers.append(server)  # so that server.shutdown() finds itself
     thread = threading.Thread(target=server.serve_forever, name="aenode-receiver", daemon=True)
     thread.start()
     if ready is not None:

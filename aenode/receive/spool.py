@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from aenode.assemble import Admission, admit, touch
+from aenode.assemble import Admission, admit, spooled_paths, stored_instance, touch
 from aenode.config import Settings
+from aenode.errors import AenodeError
 from aenode.receive.header import InstanceHeader, InvalidInstance, read_file_header
 from aenode.store import Store
 
@@ -44,7 +45,7 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 _SAFE_UID = re.compile(r"^[0-9A-Za-z_\-][0-9A-Za-z._\-]{0,63}$")
 
 
-class OutOfSpace(RuntimeError):
+class OutOfSpace(AenodeError, RuntimeError):
     """Free disk below ``storage.min_free_mb`` (or the disk is full); nothing was written."""
 
 
@@ -219,12 +220,9 @@ class Spool:
             "peer_ae": calling_ae,
         }
         # Cheap pre-check: an identical re-send needs no write at all.
-        known = self.store.execute(
-            "SELECT sha256, path FROM instances WHERE sop_instance_uid=?",
-            (header.sop_instance_uid,),
-        )
-        if known and (known[0]["sha256"] == sha or policy == "keep_first"):
-            return self._duplicate(header, sha, known[0]["sha256"], known[0]["path"], assoc_id, ctx)
+        known = stored_instance(self.store, header.sop_instance_uid)
+        if known and (known.sha256 == sha or policy == "keep_first"):
+            return self._duplicate(header, sha, known.sha256, known.path, assoc_id, ctx)
 
         self.check_space(len(meta) + len(stream))
         try:
@@ -236,11 +234,8 @@ class Spool:
         try:
             now = time.time()
             with self.store.transaction() as conn:
-                row = conn.execute(
-                    "SELECT sha256, path FROM instances WHERE sop_instance_uid=?",
-                    (header.sop_instance_uid,),
-                ).fetchone()
-                if row is not None and (row["sha256"] == sha or policy == "keep_first"):
+                row = stored_instance(conn, header.sop_instance_uid)
+                if row is not None and (row.sha256 == sha or policy == "keep_first"):
                     dup = True
                 else:
                     dup = False
@@ -266,15 +261,15 @@ class Spool:
             tmp.unlink(missing_ok=True)
         if dup:
             assert row is not None
-            return self._duplicate(header, sha, row["sha256"], row["path"], assoc_id, ctx)
+            return self._duplicate(header, sha, row.sha256, row.path, assoc_id, ctx)
         if row is not None:
             log.warning(
                 "duplicate SOP Instance UID with different content: replaced the stored "
                 "instance (storage.duplicate_policy=replace)",
                 extra=ctx,
             )
-            if row["path"] != rel:
-                (self.root / row["path"]).unlink(missing_ok=True)
+            if row.path != rel:
+                (self.root / row.path).unlink(missing_ok=True)
             return SpoolResult(Outcome.REPLACED, final, admission)
         if admission.ignored_late:
             log.warning(
@@ -363,7 +358,7 @@ def recover_spool(store: Store, settings: Settings) -> RecoveryReport:
     spool = root / "spool"
     if not spool.is_dir():
         return RecoveryReport(0, removed, 0)
-    known = {r["path"] for r in store.execute("SELECT path FROM instances")}
+    known = spooled_paths(store)
     recovered = quarantined = 0
     for path in sorted(spool.glob("*/*/*.dcm")):
         rel = path.relative_to(root).as_posix()
@@ -382,9 +377,7 @@ def recover_spool(store: Store, settings: Settings) -> RecoveryReport:
             log.error("unreadable spool file moved to %s: %s", target, exc)
             continue
         with store.transaction() as conn:
-            if conn.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid=?", (header.sop_instance_uid,)
-            ).fetchone():
+            if stored_instance(conn, header.sop_instance_uid) is not None:
                 continue
             admit(
                 conn,

@@ -19,6 +19,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from aenode.config import Settings
+from aenode.errors import AenodeError
 from aenode.receive.scp import serve_receiver
 
 __all__ = ["ReceiverError", "ReceiverPool", "receiver_count"]
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-class ReceiverError(RuntimeError):
+class ReceiverError(AenodeError, RuntimeError):
     """A receiving process could not start; the message says why (for example the port)."""
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
-from aenode import __version__
 from aenode.config import ResultsSettings
 from aenode.infer.cards import ModelCard
 from aenode.records import Prediction, Volume
@@ -24,6 +23,7 @@ from aenode.results.source import (
     series_description,
     software_versions,
 )
+from aenode.version import __version__
 
 __all__ = [
     "DISCLAIMER",

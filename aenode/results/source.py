@@ -15,10 +15,11 @@ import SimpleITK as sitk
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from aenode import __version__
 from aenode.config import ResultsSettings
+from aenode.errors import InputError
 from aenode.infer.cards import Code, LabelSpec, ModelCard
 from aenode.records import Prediction, Volume
+from aenode.version import __version__
 
 __all__ = [
     "ResultError",
@@ -46,7 +47,7 @@ _TYPE2 = (
 )
 
 
-class ResultError(ValueError):
+class ResultError(InputError):
     """A prediction or source that cannot be written as a result object; names the culprit."""
 
 

@@ -11,10 +11,7 @@ rule, the first condition that failed::
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +21,9 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from aenode.config import Settings
-from aenode.select.rules import Rule, compile_rules, evaluate
+from aenode.select.rules import Rule, evaluate
 
-__all__ = ["SeriesReport", "command_select", "explain", "scan", "short_uid", "studies"]
+__all__ = ["SeriesReport", "explain", "scan", "short_uid", "studies", "text_report"]
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +176,7 @@ def studies(reports: Sequence[SeriesReport], rules: Sequence[Rule]) -> list[dict
     return out
 
 
-def _text(
+def text_report(
     reports: Sequence[SeriesReport],
     skipped: Sequence[str],
     n_rules: int,
@@ -211,44 +207,3 @@ def _text(
         + (f", {len(skipped)} file(s) skipped" if skipped else "")
     )
     return "\n".join(lines)
-
-
-def command_select(args: argparse.Namespace, settings: Settings) -> int:
-    """The ``aenode select`` sub-command.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        ``paths`` (files or folders) and ``json`` (print JSON instead of text).
-    settings : Settings
-        ``selection.rules`` are compiled without checking model names.
-
-    Returns
-    -------
-    int
-        0 when DICOM series were found, 1 when none were.
-
-    Raises
-    ------
-    ConfigError
-        If a rule is invalid (the CLI prints it and exits with 2).
-    """
-    rules = compile_rules(settings.selection.rules)
-    reports, skipped = scan([Path(p) for p in args.paths])
-    explain(reports, rules)
-    study_rows = studies(reports, rules)
-    if args.json:
-        result = {
-            "series": [r.as_dict() for r in reports],
-            "studies": study_rows,
-            "skipped": skipped,
-        }
-        print(json.dumps(result, indent=2))
-    else:
-        print(_text(reports, skipped, len(rules), study_rows))
-        for line in skipped:
-            print(f"skipped {line}", file=sys.stderr)
-    if not reports:
-        print("aenode select: no DICOM series found", file=sys.stderr)
-        return 1
-    return 0

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import pydicom.uid
 from pydicom import Dataset
-from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from aenode.config import ConfigError
+from aenode.errors import ConfigError
 from aenode.select.spec import ConditionSpec, CountRange, RuleSpec, Scalar
 
 __all__ = [
@@ -35,11 +35,12 @@ __all__ = [
 ]
 
 _TAG_KINDS = ("equals", "regex", "one_of", "min/max", "present", "contains")
+# pydicom's public UID constants (``pydicom.uid.CTImageStorage``, ...) with their names.
 _NAME_TO_SOP_CLASS = {
-    _norm: uid
-    for uid, entry in UID_dictionary.items()
-    if entry[1] == "SOP Class"
-    for _norm in ("".join(entry[0].lower().split()), entry[4].lower())
+    _norm: str(uid)
+    for uid in vars(pydicom.uid).values()
+    if isinstance(uid, UID) and uid.type == "SOP Class"
+    for _norm in ("".join(uid.name.lower().split()), uid.keyword.lower())
     if _norm
 }
 
@@ -447,10 +448,8 @@ def _count_range(spec: CountRange, path: str, errors: _Errors) -> bool:
 
 
 def _sop_class_uid(value: str) -> str | None:
-    if value in UID_dictionary:
-        return value
     if re.fullmatch(r"[0-9]+(\.[0-9]+)+", value):
-        return value  # a valid UID not in pydicom's dictionary (private SOP class)
+        return value  # a UID, known to pydicom or not (a private SOP class)
     return _NAME_TO_SOP_CLASS.get("".join(value.lower().split()))
 
 

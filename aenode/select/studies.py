@@ -7,8 +7,9 @@ per model from its card (``inputs.roles[i].required``): a model runs with the ro
 when every missing role is optional, otherwise the study records which role was missing
 (state ``missing`` with the reason; a late series of that role still starts it).
 
-State lives in the store (tables ``select_roles`` and ``select_studies``) and every job is
-recorded in the store's ``jobs`` table in the same transaction as the state change that made
+This module owns the store's tables ``select_roles`` and ``select_studies`` (their schema is
+in :mod:`aenode.store`); every job is recorded through :func:`aenode.jobs.record_job` in the
+same transaction as the state change that made
 it, so that a restart neither loses nor repeats a job: ``on_series`` and ``due`` return only
 jobs that were newly recorded, with ``Job.id`` set.
 """
@@ -20,15 +21,15 @@ import logging
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom import Dataset
 
+from aenode.jobs import job_from_row, record_job, series_from_json, series_to_json
 from aenode.records import Job, SeriesInfo
 from aenode.select.rules import Rule, match_series
+from aenode.states import StudyRuleState, transition
 from aenode.store import Store
 
 if TYPE_CHECKING:
@@ -48,47 +49,6 @@ log = logging.getLogger(__name__)
 SERIES_ROLE = "image"
 """The single input role of a job made by a series rule."""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS select_roles (
-    rule TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    role TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    revision INTEGER NOT NULL,
-    series TEXT NOT NULL,
-    matched_at REAL NOT NULL,
-    PRIMARY KEY (rule, study_uid, role)
-);
-CREATE TABLE IF NOT EXISTS select_studies (
-    rule TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'waiting',
-    first_match REAL NOT NULL,
-    last_match REAL NOT NULL,
-    reason TEXT,
-    PRIMARY KEY (rule, study_uid)
-);
-CREATE INDEX IF NOT EXISTS select_studies_state ON select_studies (state, last_match);
-"""
-
-
-def series_to_json(series: SeriesInfo) -> dict[str, Any]:
-    """A JSON-ready dict of a :class:`SeriesInfo` (paths as strings)."""
-    data = asdict(series)
-    data["files"] = [str(p) for p in series.files]
-    return data
-
-
-def series_from_json(data: Mapping[str, Any]) -> SeriesInfo:
-    """The inverse of :func:`series_to_json`."""
-    fields = dict(data)
-    fields["files"] = tuple(Path(p) for p in fields.get("files", ()))
-    return SeriesInfo(**fields)
-
-
-def _inputs_json(inputs: Mapping[str, SeriesInfo]) -> str:
-    return json.dumps({role: series_to_json(s) for role, s in sorted(inputs.items())})
-
 
 def role_requirements(cards: Mapping[str, ModelCard]) -> dict[str, dict[str, bool]]:
     """Model name -> role -> required, from the cards' ``inputs.roles``.
@@ -105,25 +65,16 @@ def role_requirements(cards: Mapping[str, ModelCard]) -> dict[str, dict[str, boo
     return {name: {r.name: r.required for r in card.inputs.roles} for name, card in cards.items()}
 
 
-def job_from_row(row: sqlite3.Row | Mapping[str, Any]) -> Job:
-    """Rebuild a :class:`Job` from its row in the ``jobs`` table (after a restart).
-
-    Parameters
-    ----------
-    row : sqlite3.Row or mapping
-        With ``id``, ``rule``, ``model``, ``study_uid`` and ``inputs``.
-
-    Returns
-    -------
-    Job
-    """
-    inputs = {role: series_from_json(s) for role, s in json.loads(row["inputs"]).items()}
-    return Job(
-        rule=row["rule"],
-        model=row["model"],
-        study_uid=row["study_uid"],
-        inputs=inputs,
-        id=int(row["id"]),
+def _move(
+    conn: sqlite3.Connection, rule: str, study_uid: str, new: StudyRuleState, reason: str | None
+) -> None:
+    row = conn.execute(
+        "SELECT state FROM select_studies WHERE rule=? AND study_uid=?", (rule, study_uid)
+    ).fetchone()
+    transition(row["state"], new)
+    conn.execute(
+        "UPDATE select_studies SET state=?, reason=? WHERE rule=? AND study_uid=?",
+        (new, reason, rule, study_uid),
     )
 
 
@@ -133,7 +84,7 @@ class StudyTracker:
     Parameters
     ----------
     store : Store
-        The node's store; the tracker adds its tables (CREATE TABLE IF NOT EXISTS).
+        The node's store (a file, or ``Store(":memory:")`` for ``aenode run``).
     rules : sequence of Rule
         Compiled rules (:func:`aenode.select.rules.compile_rules`).
     role_requirements : mapping of str to mapping of str to bool
@@ -156,9 +107,6 @@ class StudyTracker:
         self._by_name = {r.name: r for r in self.rules}
         self.role_requirements = {m: dict(r) for m, r in role_requirements.items()}
         self.timeout = timeout
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                store.execute(statement)
 
     # -- recording -----------------------------------------------------------------------
 
@@ -171,17 +119,9 @@ class StudyTracker:
         inputs: dict[str, SeriesInfo],
         now: float,
     ) -> Job | None:
-        received = min((s.first_arrival for s in inputs.values()), default=0.0)
-        completed = max((s.completed_at for s in inputs.values()), default=0.0)
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO jobs (rule, model, study_uid, inputs, state, t_received,"
-            " t_completed, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-            (rule.name, model, study_uid, _inputs_json(inputs), received, completed, now, now),
-        )
-        if cur.rowcount != 1:
+        job = record_job(conn, rule.name, model, study_uid, inputs, now)
+        if job is None:
             return None
-        job = Job(rule=rule.name, model=model, study_uid=study_uid, inputs=dict(inputs))
-        job.id = cur.lastrowid
         log.info(
             "job %s: rule %s, model %s, inputs %s",
             job.id,
@@ -295,7 +235,7 @@ class StudyTracker:
         row = conn.execute(
             "SELECT state FROM select_studies WHERE rule=? AND study_uid=?", (rule.name, study)
         ).fetchone()
-        if row is not None and row["state"] == "started":
+        if row is not None and row["state"] == StudyRuleState.STARTED:
             log.info(
                 "rule %s already started for this study; series for role %s not used",
                 rule.name,
@@ -318,9 +258,9 @@ class StudyTracker:
         )
         conn.execute(
             "INSERT INTO select_studies (rule, study_uid, state, first_match, last_match)"
-            " VALUES (?, ?, 'waiting', ?, ?) ON CONFLICT (rule, study_uid) DO UPDATE SET"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (rule, study_uid) DO UPDATE SET"
             " last_match=excluded.last_match",
-            (rule.name, study, now, now),
+            (rule.name, study, StudyRuleState.WAITING, now, now),
         )
         present = self._roles(conn, rule, study)
         missing = [r for r in rule.roles if r not in present]
@@ -338,10 +278,7 @@ class StudyTracker:
             job = self._record(conn, rule, model, study, present, now)
             if job is not None:
                 jobs.append(job)
-        conn.execute(
-            "UPDATE select_studies SET state='started', reason=NULL WHERE rule=? AND study_uid=?",
-            (rule.name, study),
-        )
+        _move(conn, rule.name, study, StudyRuleState.STARTED, None)
         return jobs
 
     def due(self, now: float | None = None) -> list[Job]:
@@ -362,19 +299,15 @@ class StudyTracker:
         jobs: list[Job] = []
         with self.store.transaction() as conn:
             rows = conn.execute(
-                "SELECT rule, study_uid FROM select_studies WHERE state='waiting'"
-                " AND last_match<=?",
-                (now - self.timeout,),
+                "SELECT rule, study_uid FROM select_studies WHERE state=? AND last_match<=?",
+                (StudyRuleState.WAITING, now - self.timeout),
             ).fetchall()
             for row in rows:
                 rule = self._by_name.get(row["rule"])
                 study = row["study_uid"]
                 if rule is None:
-                    conn.execute(
-                        "UPDATE select_studies SET state='missing', reason=? WHERE rule=?"
-                        " AND study_uid=?",
-                        (f"rule {row['rule']} is no longer configured", row["rule"], study),
-                    )
+                    gone = f"rule {row['rule']} is no longer configured"
+                    _move(conn, row["rule"], study, StudyRuleState.MISSING, gone)
                     continue
                 present = self._roles(conn, rule, study)
                 absent = [r for r in rule.roles if r not in present]
@@ -394,16 +327,13 @@ class StudyTracker:
                     if job is not None:
                         jobs.append(job)
                 reason = "; ".join(reasons) or None
-                state = "started" if started else "missing"
-                conn.execute(
-                    "UPDATE select_studies SET state=?, reason=? WHERE rule=? AND study_uid=?",
-                    (state, reason, rule.name, study),
-                )
+                state = StudyRuleState.STARTED if started else StudyRuleState.MISSING
+                _move(conn, rule.name, study, state, reason)
                 if reason:
                     log.warning("rule %s: %s", rule.name, reason, extra={"study": study})
         return jobs
 
-    def study_state(self, rule: str, study_uid: str) -> tuple[str, str | None] | None:
+    def study_state(self, rule: str, study_uid: str) -> tuple[StudyRuleState, str | None] | None:
         """The state (``waiting``, ``started``, ``missing``) and reason of a study rule.
 
         Returns
@@ -417,4 +347,4 @@ class StudyTracker:
         )
         if not rows:
             return None
-        return str(rows[0]["state"]), rows[0]["reason"]
+        return StudyRuleState(rows[0]["state"]), rows[0]["reason"]

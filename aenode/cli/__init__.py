@@ -1,0 +1,167 @@
+"""The ``aenode`` command: the command-line layer, kept apart from the domain code.
+
+One module per command group (``serve``, ``run``, ``store`` for status/jobs/retry,
+``select``, ``models``, ``train``, ``evaluate``, ``echo``, ``config``); each command is a
+function ``(args, settings) -> exit code`` that calls domain functions returning data and
+prints them. This module parses the arguments, loads the settings once and configures
+logging (the only place that does). ``--config`` and ``--verbose`` are accepted before or
+after the command (``aenode --config c.yaml serve`` and ``aenode serve --config c.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from aenode.cli.logs import configure_logging
+from aenode.config import ConfigError, Settings, load_settings
+from aenode.version import __version__
+
+__all__ = ["configure_logging", "main"]
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _lazy(target: str) -> Handler:
+    # Commands import what they need (torch for some) only when they run.
+    module_name, func_name = target.split(":")
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        module = importlib.import_module(f"aenode.cli.{module_name}")
+        func: Handler = getattr(module, func_name)
+        return func(args, settings)
+
+    return run
+
+
+def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=default,
+        help="YAML configuration (default: ./config.yaml when present)",
+    )
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else False,
+        help="debug logging",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aenode", description="DICOM network inference node (DIMSE in, AI results out)."
+    )
+    parser.add_argument("--version", action="version", version=f"aenode {__version__}")
+    _global_options(parser, None)
+    # The same options after the command; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, target: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text)
+        p.set_defaults(handler=_lazy(target))
+        return p
+
+    command("serve", "serve:command_serve", "run the node: receive, select, infer, export")
+
+    p = command("echo", "echo:command_echo", "C-ECHO a DICOM peer")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--aet", default="ANY-SCP", help="called AE title")
+    p.add_argument("--calling-aet", default=None, help="our AE title (default node.ae_title)")
+
+    p = sub.add_parser("config", parents=[common], help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    pc = csub.add_parser(
+        "check", parents=[common], help="validate a configuration and the rules' model names"
+    )
+    pc.add_argument("path", nargs="?", type=Path, default=None)
+    pc.set_defaults(handler=_lazy("config:command_config_check"))
+
+    p = command("status", "store:command_status", "recent series and jobs with their state")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=50)
+
+    p = command("select", "select:command_select", "dry-run the selection rules on DICOM files")
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--json", action="store_true")
+
+    p = command("models", "models:command_models", "list the model packages")
+    p.add_argument("--json", action="store_true")
+
+    p = command("train", "train:command_train", "train a shipped model from data on disk")
+    p.add_argument("model", choices=["hippocampus"])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=None, help="training time budget")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="fixed epoch count (bit-for-bit reproducible)"
+    )
+
+    p = command("evaluate", "evaluate:command_evaluate", "metrics of a model against labels")
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    p.add_argument("--json", action="store_true")
+
+    p = command("run", "run:command_run", "select, infer and write results for DICOM folders")
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = command("jobs", "store:command_jobs", "jobs with their state and per-stage times")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=50)
+
+    p = command("retry", "store:command_retry", "queue a failed job's export (or job) again")
+    p.add_argument("job", type=int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aenode`` command.
+
+    Parameters
+    ----------
+    argv : sequence of str or None
+        Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns
+    -------
+    int
+        The process exit status: 0 success, 1 failure, 2 bad usage or configuration.
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    config_path: Path | None = args.config
+    if config_path is None and Path("config.yaml").is_file():
+        config_path = Path("config.yaml")
+        args.config = config_path
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        print(f"aenode: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings, verbose=args.verbose)
+    handler: Handler = args.handler
+    try:
+        return handler(args, settings)
+    except ConfigError as exc:
+        print(f"aenode: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

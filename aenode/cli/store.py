@@ -1,0 +1,136 @@
+"""``aenode status``, ``aenode jobs`` and ``aenode retry``: what the store says."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from typing import Any
+
+from aenode.config import Settings
+from aenode.errors import InputError
+from aenode.export.outbox import Outbox
+from aenode.jobs import JobRecord, recent_jobs, retry_job
+from aenode.status import open_store, status_report
+
+__all__ = ["command_jobs", "command_retry", "command_status"]
+
+
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def _job_dict(job: JobRecord) -> dict[str, Any]:
+    return {**asdict(job), "state": job.state.value}
+
+
+def command_status(args: argparse.Namespace, settings: Settings) -> int:
+    """``aenode status [--json] [--limit N]``: recent series (with why one was rejected) and jobs.
+
+    Returns
+    -------
+    int
+        0; 1 if there is no store at ``storage.path``.
+    """
+    try:
+        store = open_store(settings)
+    except InputError as exc:
+        print(f"aenode: {exc}")
+        return 1
+    try:
+        report = status_report(store, args.limit)
+    finally:
+        store.close()
+    series = [{**asdict(s), "state": s.state.value} for s in report.series]
+    jobs = [_job_dict(j) for j in report.jobs]
+    if args.json:
+        handover = {state.value: n for state, n in report.handover.items()}
+        print(json.dumps({"series": series, "handover": handover, "jobs": jobs}, indent=2))
+        return 0
+    if not series:
+        print("no series received yet")
+        return 0
+    print(
+        f"{'last arrival':19}  {'state':9}  {'by':8}  {'count':>9}  {'mod':4}  "
+        f"{'rev':>3}  series / description"
+    )
+    for s in series:
+        count = (
+            f"{s['instance_count']}/{s['expected']}" if s["expected"] else str(s["instance_count"])
+        )
+        print(
+            f"{_when(s['last_arrival']):19}  {s['state']:9}  {s['completed_by'] or '-':8}  "
+            f"{count:>9}  {s['modality'] or '-':4}  {s['revision']:>3}  {s['series_uid']} "
+            f"{s['description'] or ''}"
+        )
+        if s["reason"]:
+            print(f"{'':19}  reason: {s['reason']}")
+    for j in jobs:
+        volumes = ", ".join(f"{k} {v:.0f} mm3" for k, v in j["volumes_mm3"].items())
+        print(f"job {j['id']}: {j['model']} {j['state']} {j['reason'] or volumes}")
+    return 0
+
+
+def command_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    """``aenode jobs [--json] [--limit N]``: jobs with their state and per-stage times.
+
+    Returns
+    -------
+    int
+        0; 1 if there is no store at ``storage.path``.
+    """
+    try:
+        store = open_store(settings)
+    except InputError as exc:
+        print(f"aenode: {exc}")
+        return 1
+    try:
+        jobs = [_job_dict(j) for j in recent_jobs(store, args.limit)]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"jobs": jobs}, indent=2))
+        return 0
+    if not jobs:
+        print("no jobs yet")
+        return 0
+    print(f"{'job':>5}  {'state':9}  {'model':14}  {'received':19}  stages (s) / reason")
+    for j in jobs:
+        stages = " ".join(f"{k}={v:.2f}" for k, v in j["stages"].items())
+        print(
+            f"{j['id']:>5}  {j['state']:9}  {j['model']:14}  {_when(j['t_received']):19}  {stages}"
+        )
+        if j["reason"]:
+            print(f"{'':>5}  reason: {j['reason']}")
+    return 0
+
+
+def command_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """``aenode retry JOB``: queue a failed job again (its export, or the whole job).
+
+    A job that failed while exporting gets its outbox rows queued again; one that failed
+    or was rejected before is queued to run again from its series. A running ``aenode serve``
+    picks it up.
+
+    Returns
+    -------
+    int
+        0 when queued; 1 when the job does not exist or is not failed.
+    """
+    try:
+        store = open_store(settings)
+    except InputError as exc:
+        print(f"aenode: {exc}")
+        return 1
+    try:
+        what = retry_job(store, args.job, Outbox(store, settings.export, settings.calling_ae))
+    except InputError as exc:
+        print(f"aenode retry: {exc}")
+        return 1
+    finally:
+        store.close()
+    print(
+        f"job {args.job}: " + ("export queued again" if what == "export" else "queued to run again")
+    )
+    return 0

@@ -18,6 +18,7 @@ from aenode.version import __version__
 
 if TYPE_CHECKING:
     from aenode.config import ConfigError, Settings, load_settings
+    from aenode.errors import AenodeError, InputError, InternalError, PeerError
     from aenode.export import Outbox, SendOutcome, send_files
     from aenode.infer.registry import Registry, RegistryError
     from aenode.infer.runtime import InferenceError, Runtime
@@ -27,10 +28,19 @@ if TYPE_CHECKING:
     from aenode.records import Job, Prediction, SeriesInfo, Volume
     from aenode.results import ResultSet, write_results
     from aenode.select import StudyTracker, compile_rules
+    from aenode.states import IllegalTransition, JobState, OutboxState, SeriesState
     from aenode.store import Store
     from aenode.volume import VolumeError, build_volume, build_volume_from_files
 
 _WHERE = {
+    "AenodeError": "aenode.errors",
+    "InputError": "aenode.errors",
+    "InternalError": "aenode.errors",
+    "PeerError": "aenode.errors",
+    "IllegalTransition": "aenode.states",
+    "JobState": "aenode.states",
+    "OutboxState": "aenode.states",
+    "SeriesState": "aenode.states",
     "ConfigError": "aenode.config",
     "Settings": "aenode.config",
     "load_settings": "aenode.config",
@@ -60,6 +70,14 @@ _WHERE = {
 
 __all__ = [
     "__version__",
+    "AenodeError",
+    "IllegalTransition",
+    "InputError",
+    "InternalError",
+    "JobState",
+    "OutboxState",
+    "PeerError",
+    "SeriesState",
     "ConfigError",
     "InferenceError",
     "Job",

@@ -94,7 +94,5 @@ class Dispatcher:
                 continue
             if jobs:
                 self.wakeup.set()
-            elif not self.store.execute(
-                "SELECT 1 FROM queue WHERE topic=? AND state='ready' LIMIT 1", (SERIES_TOPIC,)
-            ):
+            elif not self.store.has_ready(SERIES_TOPIC):
                 stop.wait(self.poll_seconds)

@@ -9,6 +9,14 @@ import aenode
 
 EXPECTED = {
     "__version__",
+    "AenodeError",
+    "InputError",
+    "PeerError",
+    "InternalError",
+    "IllegalTransition",
+    "JobState",
+    "SeriesState",
+    "OutboxState",
     "ConfigError",
     "Settings",
     "load_settings",
@@ -44,6 +52,9 @@ def test_public_names_are_pinned_and_resolve() -> None:
 
 
 def test_import_aenode_does_not_import_torch() -> None:
-    code = "import sys, aenode, aenode.config, aenode.receive; print('torch' in sys.modules)"
+    code = (
+        "import sys, aenode, aenode.config, aenode.receive, aenode.cli, aenode.status;"
+        " print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

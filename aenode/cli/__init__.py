@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aenode.cli.logs import configure_logging
 from aenode.config import ConfigError, Settings, load_settings
+from aenode.errors import InputError
 from aenode.version import __version__
 
 __all__ = ["configure_logging", "main"]
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, settings)
-    except ConfigError as exc:
+    except InputError as exc:  # bad configuration, model package or input: named, no trace
         print(f"aenode: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -87,3 +87,68 @@ def test_classification_metrics_by_hand() -> None:
     with pytest.raises(ValueError, match="one positive and one negative"):
         metrics.auc([0.1, 0.2], [1, 1])
     assert math.isnan(metrics.classification_metrics([0.1], [1])["auc"])
+
+
+def _blob(shape: tuple[int, int, int], center: tuple[float, ...], radii: tuple[float, ...]):
+    grid = np.indices(shape).astype(float)
+    d = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii, strict=True))
+    return (d <= 1.0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 0.8, 0.8)])
+def test_hausdorff95_equals_monai(spacing: tuple[float, float, float]) -> None:
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    rng = np.random.default_rng(7)
+    ref = _blob((24, 40, 40), (12, 20, 20), (8, 12, 10))
+    # An asymmetric error: an extra lobe on one side, so the two directions differ.
+    pred = ref | _blob((24, 40, 40), (12, 20, 32), (4, 5, 6))
+    pred[rng.random(pred.shape) < 0.01] = 0
+    ours = metrics.hausdorff95(pred, ref, spacing, 1)
+
+    def onehot(mask: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack([1 - mask, mask])[None].astype(np.float32))
+
+    theirs = compute_hausdorff_distance(
+        onehot(pred), onehot(ref), include_background=False, percentile=95, spacing=spacing
+    )
+    assert ours == pytest.approx(float(theirs[0, 0]), rel=1e-6)
+    # The directed figures differ, and ours is the larger one, not a pooled percentile.
+    pooled = np.percentile(
+        np.concatenate(
+            [
+                metrics_directed(pred, ref, spacing),
+                metrics_directed(ref, pred, spacing),
+            ]
+        ),
+        95,
+    )
+    assert ours > pooled
+
+
+def metrics_directed(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
+    from scipy import ndimage
+
+    def surface(m: np.ndarray) -> np.ndarray:
+        return m.astype(bool) & ~ndimage.binary_erosion(
+            m.astype(bool), ndimage.generate_binary_structure(3, 1)
+        )
+
+    return ndimage.distance_transform_edt(~surface(b), sampling=spacing)[surface(a)]
+
+
+def test_bootstrap_ci_is_scipys_percentile_interval() -> None:
+    from scipy import stats
+
+    values = [0.81, 0.86, 0.79, 0.9, 0.84, 0.88, 0.77]
+    lo, hi = metrics.bootstrap_ci(values, n=3000, seed=11)
+    ref = stats.bootstrap(
+        (np.asarray(values),),
+        np.mean,
+        n_resamples=3000,
+        method="percentile",
+        rng=np.random.default_rng(11),
+    ).confidence_interval
+    assert (lo, hi) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    assert lo < float(np.mean(values)) < hi

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from conftest import free_port
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from aenode.config import DestinationSettings, ExportSettings, RetrySettings, Settings
@@ -49,8 +49,12 @@ def _settings(tmp_path: Path, **node: object) -> Settings:
 
 
 @pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Settings]:
+def receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """One receiving listener in a thread of this process (no fork)."""
+    # build_ae sets pynetdicom's process-wide switches (a receiving process is ours
+    # alone); this one is the test process, so they are put back afterwards.
+    for name in ("UNRESTRICTED_STORAGE_SERVICE", "LOG_HANDLER_LEVEL"):
+        monkeypatch.setattr(_config, name, getattr(_config, name))
     settings = _settings(tmp_path)
     stop, ready = threading.Event(), threading.Event()
     thread = threading.Thread(

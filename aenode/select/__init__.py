@@ -4,8 +4,8 @@
 them; ``studies`` turns complete series into jobs (study roles, timeouts, durable state);
 ``explain`` is the ``aenode select`` dry-run tester.
 
-Names are resolved lazily: :mod:`aenode.config` imports :mod:`aenode.select.spec` while
-:mod:`aenode.select.rules` needs :mod:`aenode.config`.
+Names are resolved lazily, so that :mod:`aenode.config` (which imports ``spec`` and
+``rules``) does not load ``studies`` and, through it, the store and the jobs.
 """
 
 from __future__ import annotations

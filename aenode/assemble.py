@@ -49,6 +49,7 @@ __all__ = [
     "close_stale_associations",
     "complete_series",
     "expected_count",
+    "note_series",
     "reject_series",
     "series_info_from_payload",
     "touch",
@@ -471,6 +472,26 @@ def reject_series(store: Store, series_uid: str, revision: int, reason: str) -> 
     """
     store.execute(
         "UPDATE series SET state='rejected', reason=? WHERE series_uid=? AND revision=?",
+        (reason, series_uid, revision),
+    )
+
+
+def note_series(store: Store, series_uid: str, revision: int, reason: str) -> None:
+    """Record why a series revision made no job, keeping its state (``aenode status``).
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    series_uid : str
+        The Series Instance UID.
+    revision : int
+        The revision.
+    reason : str
+        What the rules could not read or did not find, naming the tags.
+    """
+    store.execute(
+        "UPDATE series SET reason=? WHERE series_uid=? AND revision=?",
         (reason, series_uid, revision),
     )
 

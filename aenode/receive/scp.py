@@ -21,6 +21,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
+from pydicom import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -35,6 +36,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from aenode.config import PeerSettings, Settings
+from aenode.receive.check import check_structure, failure_status
 from aenode.receive.header import InvalidInstance, header_from_dataset, parse_header
 from aenode.receive.spool import OutOfSpace, Spool
 from aenode.store import Store
@@ -173,15 +175,17 @@ def handle_echo(event: Event) -> int:
     return STATUS_SUCCESS
 
 
-def handle_store(event: Event, receiver: Receiver) -> int:
+def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     """EVT_C_STORE: spool the data set as received, record it, then answer.
 
     Returns
     -------
-    int
+    int or pydicom.Dataset
         ``0x0000`` once the instance is on disk and in the store (or was already there);
         ``0xA700`` below the disk floor; ``0xA900`` SOP class mismatch; ``0xC000`` missing
-        UIDs or unparsable data; ``0x0110`` if the disk or the store failed.
+        UIDs, unparsable or structurally broken data (see :mod:`aenode.receive.check`),
+        these two with an Error Comment naming the element; ``0x0110`` if the disk or the
+        store failed.
     """
     state = receiver.state(event)
     ctx: dict[str, Any] = {"peer_ae": state.calling_ae, "assoc": state.assoc_id}
@@ -203,6 +207,7 @@ def handle_store(event: Event, receiver: Receiver) -> int:
                 f"Affected SOP Instance UID {request.AffectedSOPInstanceUID}",
                 status=0xA900,
             )
+        check_structure(stream, ts)  # well-formed to its end, Pixel Data sized; no decoding
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = state.calling_ae
         meta = b"\x00" * 128 + b"DICM" + encode_file_meta(file_meta)
@@ -212,7 +217,7 @@ def handle_store(event: Event, receiver: Receiver) -> int:
     except InvalidInstance as exc:
         ctx.setdefault("sop_uid", str(request.AffectedSOPInstanceUID))
         log.error("C-STORE refused (0x%04X): %s", exc.status, exc, extra=ctx)
-        return exc.status
+        return failure_status(exc.status, str(exc))
     except OutOfSpace as exc:
         log.error("C-STORE refused (0xA700): %s", exc, extra=ctx)
         return STATUS_OUT_OF_RESOURCES

@@ -10,7 +10,6 @@ dependencies come in the third element of the event-handler tuple.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import sqlite3
 import threading
@@ -37,6 +36,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from aenode.config import PeerSettings, Settings
 from aenode.receive.check import check_structure, failure_status
+from aenode.receive.guard import (
+    LISTEN_BACKLOG,
+    AssociationSlots,
+    ConnectionGuard,
+    refuse_over_limit,
+)
 from aenode.receive.header import InvalidInstance, header_from_dataset, parse_header
 from aenode.receive.spool import OutOfSpace, Spool
 from aenode.store import Store
@@ -72,11 +77,23 @@ class ReceiverServer(ThreadedAssociationServer):
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    request_queue_size = LISTEN_BACKLOG
+    guard: ConnectionGuard | None = None
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection and turn Nagle's algorithm off on it."""
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: admit it (see :mod:`aenode.receive.guard`), then
+        hand it to pynetdicom."""
+        if self.guard is not None:
+            request = self.guard.admit(request)
+            if request is None:
+                return
+        super().finish_request(request, client_address)
 
 
 @dataclass
@@ -105,6 +122,7 @@ class Receiver:
     settings: Settings
     store: Store
     spool: Spool
+    slots: AssociationSlots | None = None
     _assocs: dict[int, _AssocState] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -168,6 +186,9 @@ def handle_requested(event: Event, receiver: Receiver) -> None:
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         # As pynetdicom does after its own rejections: wait until the PDU is out.
         event.assoc.kill()
+        return
+    if receiver.slots is not None:
+        refuse_over_limit(event, receiver.slots)
 
 
 def handle_echo(event: Event) -> int:
@@ -235,6 +256,8 @@ def handle_ended(event: Event, receiver: Receiver) -> None:
     The assembler's ``release`` condition waits for every association that delivered to a
     series to have ended.
     """
+    if receiver.slots is not None:
+        receiver.slots.release(id(event.assoc))
     state = receiver.pop(event)
     if state is None or state.delivered == 0:
         return
@@ -273,8 +296,9 @@ def build_ae(settings: Settings, receivers: int) -> AE:
     settings : Settings
         ``node`` is used.
     receivers : int
-        How many processes share the port; ``node.max_associations`` is split evenly
-        (``ceil(max / receivers)`` each).
+        How many processes share the port. ``node.max_associations`` holds for the node
+        as a whole (:class:`~aenode.receive.guard.AssociationSlots`); pynetdicom's own
+        per-process limit is set above it so that it never refuses first.
 
     Returns
     -------
@@ -288,7 +312,7 @@ def build_ae(settings: Settings, receivers: int) -> AE:
     ae = AE(ae_title=node.ae_title)
     ae.supported_contexts = _contexts(node.accept_unknown_storage)
     ae.require_called_aet = node.check_called_ae
-    ae.maximum_associations = max(1, math.ceil(node.max_associations / max(1, receivers)))
+    ae.maximum_associations = 2 * node.max_associations + max(2, receivers)
     ae.maximum_pdu_size = node.max_pdu_size
     ae.acse_timeout = node.acse_timeout
     ae.dimse_timeout = node.dimse_timeout
@@ -302,6 +326,7 @@ def serve_receiver(
     receivers: int = 1,
     ready: threading.Event | None = None,
     drain_seconds: float = 10.0,
+    slots: AssociationSlots | None = None,
 ) -> None:
     """Run one receiving process's listener until ``stop`` is set.
 
@@ -317,6 +342,8 @@ def serve_receiver(
         Set once the port is bound.
     drain_seconds : float
         On stop, how long running associations may finish before they are aborted.
+    slots : AssociationSlots or None
+        The node-wide association count; None counts this process alone.
 
     Raises
     ------
@@ -328,7 +355,9 @@ def serve_receiver(
     # lost to a power cut is rebuilt from it by recover_spool at start-up, so the store can
     # commit without its own fsync (WAL, synchronous=NORMAL: a crash loses no commit).
     store = Store(root / "aenode.db")
-    receiver = Receiver(settings=settings, store=store, spool=Spool(settings, store))
+    if slots is None:
+        slots = AssociationSlots(settings.node.max_associations, [0])
+    receiver = Receiver(settings=settings, store=store, spool=Spool(settings, store), slots=slots)
     ae = build_ae(settings, receivers)
     handlers: list[EventHandlerType] = [
         (evt.EVT_REQUESTED, handle_requested, [receiver]),
@@ -340,10 +369,16 @@ def serve_receiver(
     ]
     address = (settings.node.host, settings.node.port)
     try:
-        server = ae.make_server(address, evt_handlers=handlers, server_class=ReceiverServer)
+        server = cast(
+            ReceiverServer,
+            ae.make_server(address, evt_handlers=handlers, server_class=ReceiverServer),
+        )
     except OSError as exc:
         store.close()
         raise OSError(exc.errno, f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
+    server.guard = ConnectionGuard(settings.node)
+    if server.socket is not None:
+        server.socket.listen(settings.node.listen_backlog)
     ae._servers.append(server)  # so that server.shutdown() finds itself
     thread = threading.Thread(target=server.serve_forever, name="aenode-receiver", daemon=True)
     thread.start()

@@ -18,6 +18,7 @@ from typing import Any
 
 from aenode import __version__
 from aenode.config import ConfigError, Settings, load_settings
+from aenode.phi import install_phi_filter
 
 __all__ = ["main", "configure_logging"]
 
@@ -81,6 +82,7 @@ def configure_logging(settings: Settings, verbose: bool = False) -> None:
         )
     root = logging.getLogger("aenode")
     root.handlers[:] = [handler]
+    install_phi_filter(handler, settings.logging.phi)  # libraries and warnings too, scrubbed
     root.setLevel("DEBUG" if verbose else settings.logging.level)
     root.propagate = False
     # pynetdicom is chatty at INFO; keep its warnings.

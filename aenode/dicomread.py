@@ -16,6 +16,8 @@ from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
 
+from aenode.phi import scrub
+
 __all__ = [
     "read_float",
     "read_int",
@@ -27,8 +29,8 @@ __all__ = [
 
 
 def _reason(keyword: str, exc: BaseException) -> str:
-    # pydicom's messages name the VR and tag; the value itself is never included by us.
-    text = str(exc).split("\n", 1)[0][:160]
+    # pydicom's messages name the VR and tag, and sometimes quote the raw value: redacted.
+    text = scrub(str(exc).split("\n", 1)[0])[:160]
     return f"{keyword} cannot be read ({type(exc).__name__}: {text})"
 
 

@@ -31,6 +31,7 @@ class Receivers:
         for section, values in (overrides or {}).items():
             config.setdefault(section, {}).update(values)
         self.port = int(config["node"]["port"])
+        self.storage = Path(config["storage"]["path"])
         self.config = tmp / "receivers.yaml"
         self.config.write_text(yaml.safe_dump(config))
         self.log = tmp / "receivers.log"

@@ -110,6 +110,9 @@ def install_phi_filter(handler: logging.Handler, allow_phi: bool) -> None:
     for old in [f for f in handler.filters if isinstance(f, PhiFilter)]:
         handler.removeFilter(old)
     handler.addFilter(PhiFilter(allow_phi))
+    # Off then on: a second configuration (tests, a re-run CLI) captures warnings again
+    # even if something restored warnings.showwarning in between.
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     for name in THIRD_PARTY:
         logger = logging.getLogger(name)

@@ -8,7 +8,7 @@ SHARED ?= ../shared
 DEMO_STUDY ?= $(SHARED)/data/udacity-mr/Study1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install system-deps demo demo-stop test lint bench train clean
+.PHONY: install system-deps demo demo-stop test lint bench stress train clean
 
 ## install: Debian packages (dcmtk, orthanc, dicom3tools) when missing, then the virtualenv.
 install: system-deps $(STAMP)
@@ -36,9 +36,13 @@ test: install lint
 	$(VENV)/bin/pytest -q
 
 lint:
-	$(VENV)/bin/ruff check aenode tests scripts bench
-	$(VENV)/bin/ruff format --check aenode tests scripts bench
+	$(VENV)/bin/ruff check aenode tests scripts bench stress
+	$(VENV)/bin/ruff format --check aenode tests scripts bench stress
 	$(VENV)/bin/mypy
+
+## stress: the long attack suite (fuzz 10,000, PDU abuse, 16x3 senders, kill -9 at each stage).
+stress: install
+	$(PY) stress/run.py $(STRESS_ARGS)
 
 ## bench: throughput and latency against reference runs in the same command.
 bench: install

@@ -57,6 +57,7 @@ __all__ = [
     "close_stale_associations",
     "complete_series",
     "expected_count",
+    "note_series",
     "recent_series",
     "record_association_end",
     "reject_series",
@@ -606,6 +607,26 @@ def recent_series(store: Store, limit: int = 50) -> list[SeriesRecord]:
         SeriesRecord(**{**{k: row[k] for k in names}, "state": SeriesState(row["state"])})
         for row in rows
     ]
+
+
+def note_series(store: Store, series_uid: str, revision: int, reason: str) -> None:
+    """Record why a series revision made no job, keeping its state (``aenode status``).
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    series_uid : str
+        The Series Instance UID.
+    revision : int
+        The revision.
+    reason : str
+        What the rules could not read or did not find, naming the tags.
+    """
+    store.execute(
+        "UPDATE series SET reason=? WHERE series_uid=? AND revision=?",
+        (reason, series_uid, revision),
+    )
 
 
 def close_stale_associations(store: Store, now: float | None = None) -> int:

@@ -96,6 +96,16 @@ class NodeSettings(_Section):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
+    artim_timeout: float = Field(
+        default=5.0, gt=0, description="a new connection's A-ASSOCIATE-RQ must arrive within"
+    )
+    pdu_timeout: float = Field(
+        default=15.0, gt=0, description="a started PDU may stall this long before the abort"
+    )
+    max_pdu_accept_mb: int = Field(
+        default=1024, ge=1, description="a peer's PDU declaring more aborts the association"
+    )
+    listen_backlog: int = Field(default=128, ge=1, le=65535)
 
     _check_ae = field_validator("ae_title")(_ae_title)
 

@@ -47,6 +47,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 
+from aenode.dicomread import read_float, read_int, read_text, read_value, why_unreadable
 from aenode.errors import InputError
 from aenode.records import SeriesInfo, Volume
 
@@ -99,32 +100,53 @@ def _floats(value: Any, count: int, tag: str, path: Path) -> np.ndarray:
     return arr
 
 
+def _scalar(value: Any, tag: str, path: Path) -> float:
+    values = value if isinstance(value, list | tuple) else [value]
+    return float(_floats(values, 1, tag, path)[0])
+
+
 def _first(seq_item: Dataset | None, keyword: str) -> Any:
-    if seq_item is None or keyword not in seq_item:
-        return None
-    return seq_item[keyword].value
+    return read_value(seq_item, keyword)
 
 
 def _group(groups: Dataset | None, sequence: str) -> Dataset | None:
-    if groups is None or sequence not in groups or not groups[sequence].value:
+    items = read_value(groups, sequence)
+    if not items:
         return None
-    item: Dataset = groups[sequence].value[0]
+    item: Dataset = items[0]
     return item
+
+
+def _required_int(ds: Dataset, keyword: str, path: Path) -> int:
+    value = read_int(ds, keyword)
+    if value is None:
+        problem = why_unreadable(ds, keyword)
+        if problem is not None:
+            raise VolumeError(f"{problem} in {path}")
+        raise VolumeError(f"{keyword} missing or not an integer in {path}")
+    return value
+
+
+def _missing(ds: Dataset, keyword: str, path: Path) -> VolumeError:
+    problem = why_unreadable(ds, keyword)
+    return VolumeError(f"{problem} in {path}" if problem else f"{keyword} missing in {path}")
 
 
 def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
     """The 2D frames of one instance with their geometry and modality LUT."""
     if "PixelData" not in ds:
-        raise VolumeError(f"PixelData missing in {path} (SOP class {ds.get('SOPClassUID', '?')})")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        sop_class = read_text(ds, "SOPClassUID") or "?"
+        raise VolumeError(f"PixelData missing in {path} (SOP class {sop_class})")
+    samples = read_int(ds, "SamplesPerPixel", 1)
+    if samples != 1:
         raise VolumeError(
-            f"SamplesPerPixel {ds.SamplesPerPixel} in {path}: only single-sample "
+            f"SamplesPerPixel {samples} in {path}: only single-sample "
             "(greyscale) images make a volume"
         )
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared = ds.get("SharedFunctionalGroupsSequence")
+    rows, columns = _required_int(ds, "Rows", path), _required_int(ds, "Columns", path)
+    n_frames = read_int(ds, "NumberOfFrames", 1) or 1
+    per_frame = read_value(ds, "PerFrameFunctionalGroupsSequence")
+    shared = read_value(ds, "SharedFunctionalGroupsSequence")
     shared_item: Dataset | None = shared[0] if shared else None
     frames = []
     for i in range(n_frames):
@@ -135,21 +157,23 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
                 value = _first(_group(source, sequence), keyword)
                 if value is not None:
                     return value
-            return ds.get(keyword)
+            return read_value(ds, keyword)
 
         ipp = lookup("PlanePositionSequence", "ImagePositionPatient")
         iop = lookup("PlaneOrientationSequence", "ImageOrientationPatient")
         spacing = lookup("PixelMeasuresSequence", "PixelSpacing")
         if ipp is None:
-            raise VolumeError(f"ImagePositionPatient missing in {path}")
+            raise _missing(ds, "ImagePositionPatient", path)
         if iop is None:
-            raise VolumeError(f"ImageOrientationPatient missing in {path}")
+            raise _missing(ds, "ImageOrientationPatient", path)
         if spacing is None:
-            spacing = ds.get("ImagerPixelSpacing")
+            spacing = read_value(ds, "ImagerPixelSpacing")
         if spacing is None:
-            raise VolumeError(f"PixelSpacing missing in {path}")
+            raise _missing(ds, "PixelSpacing", path)
         slope = lookup("PixelValueTransformationSequence", "RescaleSlope")
         intercept = lookup("PixelValueTransformationSequence", "RescaleIntercept")
+        slope = 1.0 if slope is None else _scalar(slope, "RescaleSlope", path)
+        intercept = 0.0 if intercept is None else _scalar(intercept, "RescaleIntercept", path)
         sp = _floats(spacing, 2, "PixelSpacing", path)
         if np.any(sp <= 0):
             raise VolumeError(f"PixelSpacing in {path}: must be positive, got {list(sp)}")
@@ -165,8 +189,8 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
                 spacing=(float(sp[0]), float(sp[1])),
                 rows=rows,
                 columns=columns,
-                slope=1.0 if slope is None else float(slope),
-                intercept=0.0 if intercept is None else float(intercept),
+                slope=slope,
+                intercept=intercept,
             )
         )
     return frames
@@ -249,7 +273,7 @@ def _check_positions(
         if residual <= tol_plane:
             shift = float(np.hypot(*coef[1]))
             angle = float(np.degrees(np.arctan(shift)))
-            tag = frames[0].header.get("GantryDetectorTilt")
+            tag = read_text(frames[0].header, "GantryDetectorTilt") or None
             told = f" (GantryDetectorTilt {tag})" if tag is not None else ""
             problems.append(
                 f"tilt: ImagePositionPatient not along the slice normal: gantry tilt of "
@@ -280,7 +304,7 @@ def _check_positions(
     sizes = {len(p) for p in positions}
     if sizes != {1}:
         if len(sizes) == 1 and len(positions) > 1:
-            acq = sorted({str(f.header.get("AcquisitionNumber", "")) for f in frames})
+            acq = sorted({read_text(f.header, "AcquisitionNumber") for f in frames})
             raise VolumeError(
                 f"ImagePositionPatient: several acquisitions in one series: each of "
                 f"{len(positions)} positions occurs {sizes.pop()} times (AcquisitionNumber "
@@ -326,8 +350,8 @@ def _writable_view(image: sitk.Image) -> np.ndarray:
 
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
+    bits = read_int(ds, "BitsStored") or read_int(ds, "BitsAllocated") or 16
+    if read_int(ds, "PixelRepresentation", 0) == 1:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1
 
@@ -382,10 +406,10 @@ def _native_slice(frame: _Frame) -> np.ndarray | None:
     if (
         frame.frames_in_file != 1
         or ds.file_meta.get("TransferSyntaxUID") not in _NATIVE_LE
-        or int(ds.BitsAllocated) != 16
+        or read_int(ds, "BitsAllocated") != 16
     ):
         return None
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    signed = read_int(ds, "PixelRepresentation", 0) == 1
     dtype = np.dtype("<i2" if signed else "<u2")
     count = frame.rows * frame.columns
     elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
@@ -398,7 +422,7 @@ def _native_slice(frame: _Frame) -> np.ndarray | None:
         return None
     if raw.size != count:
         raise VolumeError(f"PixelData in {frame.path}: truncated ({raw.size} of {count} pixels)")
-    bits = int(ds.get("BitsStored", 16))
+    bits = read_int(ds, "BitsStored", 16) or 16
     if bits < 16:
         shift = 16 - bits
         raw = (raw << shift) >> shift if signed else raw & ((1 << bits) - 1)
@@ -414,7 +438,7 @@ def _gdcm_slice(frame: _Frame) -> np.ndarray | None:
     ds = frame.header
     if frame.frames_in_file != 1 or ds.file_meta.get("TransferSyntaxUID") not in _GDCM_FAST:
         return None
-    if ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
+    if read_text(ds, "PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
         return None
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
@@ -543,7 +567,7 @@ def _build(
     extra = {"study": series.study_uid, "series": series.series_uid}
     frames: list[_Frame] = []
     for path, ds in headers:
-        uid = ds.get("SeriesInstanceUID")
+        uid = read_text(ds, "SeriesInstanceUID") or None
         if uid is not None and series.series_uid and uid != series.series_uid:
             raise VolumeError(
                 f"SeriesInstanceUID {uid} in {path} is not the series' {series.series_uid}"
@@ -562,8 +586,8 @@ def _build(
         log.warning("volume built despite: %s", p.split(": ", 1)[1], extra=extra)
     if len(frames) == 1:
         ds = frames[0].header
-        z = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
-        z_spacing = float(z) if float(z) > 0 else 1.0
+        z = read_float(ds, "SpacingBetweenSlices") or read_float(ds, "SliceThickness") or 1.0
+        z_spacing = z if z > 0 else 1.0
     elif problems:
         # ITK's geometry: the mean distance between first and last position
         span = float(np.linalg.norm(frames[-1].position - frames[0].position))
@@ -625,16 +649,16 @@ def build_volume_from_files(
     if not paths:
         raise VolumeError("no files given")
     headers = read_headers(paths)
-    uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
+    uids = {read_text(ds, "SeriesInstanceUID") for _, ds in headers}
     if len(uids) > 1:
         raise VolumeError(f"SeriesInstanceUID: the files belong to {len(uids)} series")
     first = headers[0][1]
     info = SeriesInfo(
-        study_uid=str(first.get("StudyInstanceUID", "")),
+        study_uid=read_text(first, "StudyInstanceUID"),
         series_uid=uids.pop(),
         revision=0,
-        modality=str(first.get("Modality", "")),
-        description=str(first.get("SeriesDescription", "")),
+        modality=read_text(first, "Modality"),
+        description=read_text(first, "SeriesDescription"),
         files=tuple(Path(p) for p in paths),
     )
     return _build(info, headers, spacing_tolerance, allow, decoder)

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from aenode.config import Settings
+from aenode.phi import install_phi_filter
 
 __all__ = ["configure_logging"]
 
@@ -73,6 +74,7 @@ def configure_logging(settings: Settings, verbose: bool = False) -> None:
         )
     root = logging.getLogger("aenode")
     root.handlers[:] = [handler]
+    install_phi_filter(handler, settings.logging.phi)  # libraries and warnings too, scrubbed
     root.setLevel("DEBUG" if verbose else settings.logging.level)
     root.propagate = False
     # pynetdicom is chatty at INFO; keep its warnings.

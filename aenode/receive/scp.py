@@ -10,7 +10,6 @@ dependencies come in the third element of the event-handler tuple.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import socketserver
 import sqlite3
@@ -22,6 +21,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
+from pydicom import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -37,6 +37,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from aenode.assemble import record_association_end
 from aenode.config import PeerSettings, Settings
+from aenode.receive.check import check_structure, failure_status
+from aenode.receive.guard import (
+    LISTEN_BACKLOG,
+    AssociationSlots,
+    ConnectionGuard,
+    refuse_over_limit,
+)
 from aenode.receive.header import InvalidInstance, header_from_dataset, parse_header
 from aenode.receive.spool import OutOfSpace, Spool
 from aenode.store import Store
@@ -72,6 +79,9 @@ class ReceiverServer(ThreadedAssociationServer):
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    request_queue_size = LISTEN_BACKLOG
+    guard: ConnectionGuard | None = None
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection and turn Nagle's algorithm off on it."""
         client, address = super().get_request()
@@ -88,6 +98,15 @@ class ReceiverServer(ThreadedAssociationServer):
         """
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: admit it (see :mod:`aenode.receive.guard`), then
+        hand it to pynetdicom."""
+        if self.guard is not None:
+            request = self.guard.admit(request)
+            if request is None:
+                return
+        super().finish_request(request, client_address)
 
 
 @dataclass
@@ -116,6 +135,7 @@ class Receiver:
     settings: Settings
     store: Store
     spool: Spool
+    slots: AssociationSlots | None = None
     _assocs: dict[int, _AssocState] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -179,6 +199,9 @@ def handle_requested(event: Event, receiver: Receiver) -> None:
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         # As pynetdicom does after its own rejections: wait until the PDU is out.
         event.assoc.kill()
+        return
+    if receiver.slots is not None:
+        refuse_over_limit(event, receiver.slots)
 
 
 def handle_echo(event: Event) -> int:
@@ -186,15 +209,17 @@ def handle_echo(event: Event) -> int:
     return STATUS_SUCCESS
 
 
-def handle_store(event: Event, receiver: Receiver) -> int:
+def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     """EVT_C_STORE: spool the data set as received, record it, then answer.
 
     Returns
     -------
-    int
+    int or pydicom.Dataset
         ``0x0000`` once the instance is on disk and in the store (or was already there);
         ``0xA700`` below the disk floor; ``0xA900`` SOP class mismatch; ``0xC000`` missing
-        UIDs or unparsable data; ``0x0110`` if the disk or the store failed.
+        UIDs, unparsable or structurally broken data (see :mod:`aenode.receive.check`),
+        these two with an Error Comment naming the element; ``0x0110`` if the disk or the
+        store failed.
     """
     state = receiver.state(event)
     ctx: dict[str, Any] = {"peer_ae": state.calling_ae, "assoc": state.assoc_id}
@@ -216,6 +241,7 @@ def handle_store(event: Event, receiver: Receiver) -> int:
                 f"Affected SOP Instance UID {request.AffectedSOPInstanceUID}",
                 status=0xA900,
             )
+        check_structure(stream, ts)  # well-formed to its end, Pixel Data sized; no decoding
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = state.calling_ae
         meta = b"\x00" * 128 + b"DICM" + encode_file_meta(file_meta)
@@ -225,7 +251,7 @@ def handle_store(event: Event, receiver: Receiver) -> int:
     except InvalidInstance as exc:
         ctx.setdefault("sop_uid", str(request.AffectedSOPInstanceUID))
         log.error("C-STORE refused (0x%04X): %s", exc.status, exc, extra=ctx)
-        return exc.status
+        return failure_status(exc.status, str(exc))
     except OutOfSpace as exc:
         log.error("C-STORE refused (0xA700): %s", exc, extra=ctx)
         return STATUS_OUT_OF_RESOURCES
@@ -243,6 +269,8 @@ def handle_ended(event: Event, receiver: Receiver) -> None:
     The assembler's ``release`` condition waits for every association that delivered to a
     series to have ended.
     """
+    if receiver.slots is not None:
+        receiver.slots.release(id(event.assoc))
     state = receiver.pop(event)
     if state is None or state.delivered == 0:
         return
@@ -282,8 +310,9 @@ def build_ae(settings: Settings, receivers: int) -> AE:
     settings : Settings
         ``node`` is used.
     receivers : int
-        How many processes share the port; ``node.max_associations`` is split evenly
-        (``ceil(max / receivers)`` each).
+        How many processes share the port. ``node.max_associations`` holds for the node
+        as a whole (:class:`~aenode.receive.guard.AssociationSlots`); pynetdicom's own
+        per-process limit is set above it so that it never refuses first.
 
     Returns
     -------
@@ -297,7 +326,7 @@ def build_ae(settings: Settings, receivers: int) -> AE:
     ae = AE(ae_title=node.ae_title)
     ae.supported_contexts = _contexts(node.accept_unknown_storage)
     ae.require_called_aet = node.check_called_ae
-    ae.maximum_associations = max(1, math.ceil(node.max_associations / max(1, receivers)))
+    ae.maximum_associations = 2 * node.max_associations + max(2, receivers)
     ae.maximum_pdu_size = node.max_pdu_size
     ae.acse_timeout = node.acse_timeout
     ae.dimse_timeout = node.dimse_timeout
@@ -311,6 +340,7 @@ def serve_receiver(
     receivers: int = 1,
     ready: threading.Event | None = None,
     drain_seconds: float = 10.0,
+    slots: AssociationSlots | None = None,
 ) -> None:
     """Run one receiving process's listener until ``stop`` is set.
 
@@ -326,6 +356,8 @@ def serve_receiver(
         Set once the port is bound.
     drain_seconds : float
         On stop, how long running associations may finish before they are aborted.
+    slots : AssociationSlots or None
+        The node-wide association count; None counts this process alone.
 
     Raises
     ------
@@ -337,7 +369,9 @@ def serve_receiver(
     # lost to a power cut is rebuilt from it by recover_spool at start-up, so the store can
     # commit without its own fsync (WAL, synchronous=NORMAL: a crash loses no commit).
     store = Store(root / "aenode.db")
-    receiver = Receiver(settings=settings, store=store, spool=Spool(settings, store))
+    if slots is None:
+        slots = AssociationSlots(settings.node.max_associations, [0])
+    receiver = Receiver(settings=settings, store=store, spool=Spool(settings, store), slots=slots)
     ae = build_ae(settings, receivers)
     handlers: list[EventHandlerType] = [
         (evt.EVT_REQUESTED, handle_requested, [receiver]),
@@ -349,10 +383,16 @@ def serve_receiver(
     ]
     address = (settings.node.host, settings.node.port)
     try:
-        server = ae.make_server(address, evt_handlers=handlers, server_class=ReceiverServer)
+        server = cast(
+            ReceiverServer,
+            ae.make_server(address, evt_handlers=handlers, server_class=ReceiverServer),
+        )
     except OSError as exc:
         store.close()
         raise OSError(exc.errno, f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
+    server.guard = ConnectionGuard(settings.node)
+    if server.socket is not None:
+        server.socket.listen(settings.node.listen_backlog)
     thread = threading.Thread(target=server.serve_forever, name="aenode-receiver", daemon=True)
     thread.start()
     if ready is not None:

@@ -17,9 +17,11 @@ import threading
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
 
 from aenode.config import Settings
 from aenode.errors import AenodeError
+from aenode.receive.guard import AssociationSlots, shared_counts
 from aenode.receive.scp import serve_receiver
 
 __all__ = ["ReceiverError", "ReceiverPool", "receiver_count"]
@@ -48,7 +50,14 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child(settings: Settings, receivers: int, parent: int, conn: Connection) -> None:
+def _child(
+    settings: Settings,
+    receivers: int,
+    parent: int,
+    conn: Connection,
+    counts: Any = None,
+    index: int = 0,
+) -> None:
     _die_with_parent(parent)
     stop = threading.Event()
 
@@ -65,7 +74,10 @@ def _child(settings: Settings, receivers: int, parent: int, conn: Connection) ->
 
     threading.Thread(target=report_ready, daemon=True).start()
     try:
-        serve_receiver(settings, stop, receivers=receivers, ready=ready)
+        slots = None
+        if counts is not None:
+            slots = AssociationSlots(settings.node.max_associations, counts, index)
+        serve_receiver(settings, stop, receivers=receivers, ready=ready, slots=slots)
     except OSError as exc:
         conn.send(f"error: {exc}")
         raise SystemExit(3) from exc
@@ -86,14 +98,17 @@ class ReceiverPool:
         self._procs: list[BaseProcess] = []
         self._ctx = multiprocessing.get_context("fork")
         self._stopping = False
+        # The node-wide association count: one entry per process, shared with the children.
+        self._counts = shared_counts(self.count)
 
-    def _spawn(self, timeout: float) -> BaseProcess:
+    def _spawn(self, timeout: float, index: int) -> BaseProcess:
         parent_conn, child_conn = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_child,
-            args=(self.settings, self.count, os.getpid(), child_conn),
+            args=(self.settings, self.count, os.getpid(), child_conn, self._counts, index),
             name="aenode-receiver",
         )
+        self._counts[index] = 0  # a process that died held nothing any more
         proc.start()
         child_conn.close()
         if not parent_conn.poll(timeout):
@@ -115,8 +130,8 @@ class ReceiverPool:
             If one cannot bind ``node.host:node.port``; the others are stopped.
         """
         try:
-            for _ in range(self.count):
-                self._procs.append(self._spawn(timeout))
+            for index in range(self.count):
+                self._procs.append(self._spawn(timeout, index))
         except ReceiverError:
             self.stop()
             raise
@@ -137,7 +152,7 @@ class ReceiverPool:
             log.error(
                 "receiving process %s exited with code %s: restarting", proc.pid, proc.exitcode
             )
-            self._procs[i] = self._spawn(30.0)
+            self._procs[i] = self._spawn(30.0, i)
             restarted += 1
         return restarted
 

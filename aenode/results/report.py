@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
 from aenode.config import ResultsSettings
+from aenode.dicomread import read_text
 from aenode.infer.cards import ModelCard
 from aenode.records import Prediction, Volume
 from aenode.results.source import (
@@ -132,7 +133,7 @@ def render_page(
     ds = volume.datasets[0] if volume.datasets else None
 
     def tag(keyword: str) -> str:
-        return str(getattr(ds, keyword, "") or "") if ds is not None else ""
+        return read_text(ds, keyword)
 
     draw.text((30, 20), f"AI result: {card.name} {card.version}", fill=(0, 0, 0), font=title)
     description = card.description

@@ -7,6 +7,7 @@ volume's source headers, the prediction on its grid and the model card.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -16,6 +17,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from aenode.config import ResultsSettings
+from aenode.dicomread import unreadable_elements
 from aenode.errors import InputError
 from aenode.infer.cards import Code, LabelSpec, ModelCard
 from aenode.records import Prediction, Volume
@@ -31,6 +33,8 @@ __all__ = [
     "software_versions",
     "voxel_volume_mm3",
 ]
+
+log = logging.getLogger(__name__)
 
 # Type 2 patient/study attributes that highdicom copies from the source and that some real
 # series (the HippoCrop crops) lack; empty is a valid Type 2 value.
@@ -108,6 +112,11 @@ def reference_datasets(volume: Volume) -> list[Dataset]:
     out = []
     for ds in volume.datasets:
         ref = copy.copy(ds)
+        for keyword, problem in unreadable_elements(ref).items():
+            # A malformed element would break the result's copy of the modules: drop it
+            # (Type 2 ones come back empty below).
+            log.warning("source header: %s; left out of the results", problem)
+            del ref[keyword]
         for keyword in _TYPE2:
             if keyword not in ref:
                 setattr(ref, keyword, "")

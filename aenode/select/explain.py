@@ -21,6 +21,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
+from aenode.dicomread import read_text
 from aenode.select.rules import Rule, evaluate
 
 __all__ = ["SeriesReport", "explain", "scan", "short_uid", "studies", "text_report"]
@@ -95,17 +96,17 @@ def scan(paths: Sequence[Path]) -> tuple[list[SeriesReport], list[str]]:
         except (InvalidDicomError, OSError) as exc:
             skipped.append(f"{path}: not DICOM ({exc})")
             continue
-        uid = ds.get("SeriesInstanceUID")
+        uid = read_text(ds, "SeriesInstanceUID")
         if not uid:
             skipped.append(f"{path}: SeriesInstanceUID missing")
             continue
         report = found.get(str(uid))
         if report is None:
             found[str(uid)] = SeriesReport(
-                study_uid=str(ds.get("StudyInstanceUID", "")),
-                series_uid=str(uid),
-                modality=str(ds.get("Modality", "")),
-                description=str(ds.get("SeriesDescription", "")),
+                study_uid=read_text(ds, "StudyInstanceUID"),
+                series_uid=uid,
+                modality=read_text(ds, "Modality"),
+                description=read_text(ds, "SeriesDescription"),
                 instances=1,
                 first_file=path,
                 header=ds,

@@ -21,6 +21,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from aenode.dicomread import read_float, read_text, read_value, why_unreadable
 from aenode.errors import ConfigError
 from aenode.select.spec import ConditionSpec, CountRange, RuleSpec, Scalar
 
@@ -106,13 +107,21 @@ def _q(value: Any) -> str:
 
 
 def _value(header: Dataset, keyword: str) -> Any:
-    """The attribute's value, or None when absent or empty."""
-    elem = header.get(keyword)
+    """The attribute's value, or None when absent, unreadable or empty."""
+    elem = read_value(header, keyword)
     if elem is None:
         return None
     if elem == "" or (isinstance(elem, MultiValue | list) and len(elem) == 0):
         return None
     return elem
+
+
+def _absent(header: Dataset, keyword: str) -> str:
+    """``Modality is absent``, or why it cannot be read and is treated as absent."""
+    problem = why_unreadable(header, keyword)
+    if problem is None:
+        return f"{keyword} is absent"
+    return f"{problem}; treated as absent"
 
 
 def _number(value: Any) -> float | None:
@@ -148,16 +157,20 @@ def slice_orientation(header: Dataset) -> str | None:
     str or None
         None when no orientation is given.
     """
-    iop = header.get("ImageOrientationPatient")
+    iop = read_value(header, "ImageOrientationPatient")
     if iop is None:
         for seq in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-            groups = header.get(seq)
+            groups = read_value(header, seq)
             if groups and "PlaneOrientationSequence" in groups[0]:
-                iop = groups[0].PlaneOrientationSequence[0].get("ImageOrientationPatient")
+                planes = read_value(groups[0], "PlaneOrientationSequence")
+                iop = read_value(planes[0], "ImageOrientationPatient") if planes else None
                 break
-    if iop is None or len(iop) != 6:
+    try:
+        v = np.array([float(x) for x in iop], dtype=float)
+    except (TypeError, ValueError):
         return None
-    v = np.array([float(x) for x in iop])
+    if v.shape != (6,) or not np.all(np.isfinite(v)):
+        return None
     normal = np.cross(v[:3], v[3:])
     norm = float(np.linalg.norm(normal))
     if norm == 0:
@@ -226,7 +239,7 @@ class _Equals:
     def check(self, header: Dataset, count: int) -> str | None:
         actual = _value(header, self.tag)
         if actual is None:
-            return f"{self.tag} is absent (wanted {_fmt(self.value)})"
+            return f"{_absent(header, self.tag)} (wanted {_fmt(self.value)})"
         if _same(actual, self.value, self.ignore_case):
             return None
         return f"{self.tag} {_q(actual)} is not {_fmt(self.value)}"
@@ -248,7 +261,7 @@ class _Regex:
     def check(self, header: Dataset, count: int) -> str | None:
         actual = _value(header, self.tag)
         if actual is None:
-            return f"{self.tag} is absent (wanted a match of {_q(self.shown)})"
+            return f"{_absent(header, self.tag)} (wanted a match of {_q(self.shown)})"
         if self.pattern.fullmatch(_text(actual)):
             return None
         return f"{self.tag} {_q(actual)} does not match {_q(self.shown)}"
@@ -267,7 +280,7 @@ class _OneOf:
         listed = ", ".join(_fmt(v) for v in self.values)
         actual = _value(header, self.tag)
         if actual is None:
-            return f"{self.tag} is absent (wanted one of {listed})"
+            return f"{_absent(header, self.tag)} (wanted one of {listed})"
         if any(_same(actual, v, self.ignore_case) for v in self.values):
             return None
         return f"{self.tag} {_q(actual)} is not one of {listed}"
@@ -291,7 +304,8 @@ class _Range:
     def check(self, header: Dataset, count: int) -> str | None:
         actual = _value(header, self.tag)
         if actual is None:
-            return f"{self.tag} is absent (wanted a number in {_bounds(self.low, self.high)})"
+            wanted = _bounds(self.low, self.high)
+            return f"{_absent(header, self.tag)} (wanted a number in {wanted})"
         number = _number(actual)
         if number is None:
             return f"{self.tag} {_q(actual)} is not a number"
@@ -313,7 +327,7 @@ class _Present:
     def check(self, header: Dataset, count: int) -> str | None:
         actual = _value(header, self.tag)
         if self.present and actual is None:
-            return f"{self.tag} is absent"
+            return _absent(header, self.tag)
         if not self.present and actual is not None:
             return f"{self.tag} is present ({_q(actual)})"
         return None
@@ -331,7 +345,7 @@ class _Contains:
     def check(self, header: Dataset, count: int) -> str | None:
         actual = _value(header, self.tag)
         if actual is None:
-            return f"{self.tag} is absent (wanted it to contain {_fmt(self.value)})"
+            return f"{_absent(header, self.tag)} (wanted it to contain {_fmt(self.value)})"
         values = list(actual) if isinstance(actual, MultiValue | list | tuple) else [actual]
         if any(_same(v, self.value, self.ignore_case) for v in values):
             return None
@@ -366,7 +380,7 @@ class _Count:
     def check(self, header: Dataset, count: int) -> str | None:
         n = count
         if self.what == "slices":
-            frames = _number(header.get("NumberOfFrames", 1)) or 1
+            frames = read_float(header, "NumberOfFrames") or 1
             n = int(count * frames)
         if self.low is not None and n < self.low:
             return f"{n} {self.what}, fewer than {self.low}"
@@ -383,7 +397,7 @@ class _SopClass:
     uids: tuple[str, ...]
 
     def check(self, header: Dataset, count: int) -> str | None:
-        actual = str(header.get("SOPClassUID", "") or "")
+        actual = read_text(header, "SOPClassUID")
         if actual in self.uids:
             return None
         names = ", ".join(UID(u).name for u in self.uids)

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING
 import pydicom
 from pydicom import Dataset
 
+from aenode.assemble import note_series
 from aenode.jobs import job_from_row, record_job, series_from_json, series_to_json
 from aenode.records import Job, SeriesInfo
-from aenode.select.rules import Rule, match_series
+from aenode.select.rules import Rule, evaluate, match_series
 from aenode.states import StudyRuleState, transition
 from aenode.store import Store
 
@@ -182,7 +183,16 @@ class StudyTracker:
         extra = {"study": series.study_uid, "series": series.series_uid}
         matches = match_series(self.rules, header, count)
         if not matches:
-            log.info("series matches no rule", extra=extra)
+            unread = [
+                f"rule {rule.name}: {evaluate(rule, header, count).reason}" for rule in self.rules
+            ]
+            if any("cannot be read" in r for r in unread):
+                # Say so where the operator looks: the series' reason and the log.
+                reason = "matches no rule; " + "; ".join(unread)
+                note_series(self.store, series.series_uid, series.revision, reason[:2000])
+                log.warning("series %s", reason, extra=extra)
+            else:
+                log.info("series matches no rule", extra=extra)
             return []
         jobs: list[Job] = []
         with self.store.transaction() as conn:

@@ -472,3 +472,12 @@ def test_classifier_objects_pass_dciodvfy(hippo: Volume, tmp_path: Path, head: s
         )
         errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
         assert errors == [], path.name
+
+
+def test_the_example_card_of_docs_models_md_is_valid() -> None:
+    text = (ROOT / "docs" / "models.md").read_text()
+    example = text.split("```yaml\n")[-1].split("```")[0]
+    data = yaml.safe_load(example.replace("sha256: ...", f"sha256: '{'a' * 64}'"))
+    card = ModelCard.model_validate(data)
+    assert card.fixed_size == [224, 224, 32] and card.outputs.head == "softmax"
+    assert "(docs/models.md)" in (ROOT / "README.md").read_text()  # linked from the README

@@ -383,6 +383,7 @@ def _summary(model: LoadedModel) -> dict[str, Any]:
         "roles": [r.name for r in card.inputs.roles],
         "labels": [label.name for label in card.outputs.labels],
         "classes": [c.name for c in card.outputs.classes],
+        "head": card.outputs.head or ("softmax" if card.task == "segmentation" else None),
         "weights": str(weights),
         "weights_mb": round(weights.stat().st_size / 1e6, 2),
         "sha256": card.runtime.sha256,

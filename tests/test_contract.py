@@ -256,6 +256,30 @@ def test_segmentation_channels_are_checked_at_load(tmp_path: Path) -> None:
         _load(tmp_path, _card("segmentation", outputs), ConstantSegmentation(2))
 
 
+class Downsampling(torch.nn.Module):
+    """A segmentation 'network' that halves the grid (background + one label)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1, ::2, ::2, ::2].repeat(1, 2, 1, 1, 1)
+
+
+def test_a_segmentation_that_changes_the_grid_stops_at_load(tmp_path: Path) -> None:
+    label = {
+        "value": 1,
+        "name": "a",
+        "category": {"value": "91723000", "meaning": "Anatomical Structure"},
+        "type": {"value": "5366008", "meaning": "Hippocampus"},
+        "color": [255, 0, 0],
+    }
+    card = _card("segmentation", {"labels": [label]})
+    with pytest.raises(
+        RegistryError,
+        match=r"inputs.preprocessing.pad_to: the network gives a \[4, 8, 8\] grid for a "
+        r"\[8, 16, 16\] input \(z, y, x\)",
+    ):
+        _load(tmp_path, card, Downsampling())
+
+
 # -- card validation ------------------------------------------------------------------------
 
 

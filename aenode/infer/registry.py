@@ -160,22 +160,23 @@ def _load_network(card: ModelCard, weights: Path, card_path: Path) -> torch.nn.M
 _DUMMY_SIZE = [32, 32, 32]
 
 
-def _dummy_shape(card: ModelCard) -> tuple[list[int], str]:
-    """The (x, y, z) size of the load-time check's dummy input and the card field it is from.
+def _dummy_shape(card: ModelCard) -> tuple[list[int], str, str]:
+    """The (x, y, z) size of the load-time check's dummy input, the field to blame, its origin.
 
     A sliding-window model is checked on one window (``runtime.patch_size``), a fixed-size
     model on ``inputs.preprocessing.pad_to``, any other on a small default size.
     """
     if card.runtime.patch_size is not None:
-        return list(card.runtime.patch_size), "runtime.patch_size"
+        return list(card.runtime.patch_size), "runtime.patch_size", "runtime.patch_size"
+    pad_to = "inputs.preprocessing.pad_to"
     if card.inputs.preprocessing.pad_to is not None:
-        return list(card.inputs.preprocessing.pad_to), "inputs.preprocessing.pad_to"
-    return list(_DUMMY_SIZE), "inputs.preprocessing.pad_to"
+        return list(card.inputs.preprocessing.pad_to), pad_to, pad_to
+    return list(_DUMMY_SIZE), pad_to, f"the default, as the card sets no {pad_to}"
 
 
 def _check_network(card: ModelCard, net: torch.nn.Module, card_path: Path) -> None:
     """Run the network once on a dummy input of the card's shape and check its output."""
-    size, source = _dummy_shape(card)
+    size, field, source = _dummy_shape(card)
     shape = [1, card.channels, *reversed(size)]
     channels = f"{card.channels} channel(s): one per inputs.roles" + (
         " plus inputs.presence_channels" if card.inputs.presence_channels else ""
@@ -209,7 +210,7 @@ def _check_network(card: ModelCard, net: torch.nn.Module, card_path: Path) -> No
         if got[2:] != shape[2:]:
             raise _fail(
                 card_path,
-                source,
+                field,
                 f"the network gives a {got[2:]} grid for a {shape[2:]} input (z, y, x); "
                 "a segmentation network must keep the input's size",
             )

@@ -166,10 +166,10 @@ class _Worker:
         notes = []
         if prepared_ref.cropped:
             kept = [r.stop - r.start for r in reversed(prepared_ref.region or ())]
+            outside = ", outside is background" if card.task == "segmentation" else ""
             notes.append(
                 f"input centre-cropped to inputs.preprocessing.pad_to {spec.pad_to} (x, y, z); "
-                f"kept {kept} of {list(prepared_ref.grid.GetSize())} voxels, outside is "
-                "background"
+                f"kept {kept} of {list(prepared_ref.grid.GetSize())} voxels{outside}"
             )
         channels = []
         presence = []

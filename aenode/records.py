@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
     from pydicom import Dataset
 
-__all__ = ["Job", "Prediction", "SeriesInfo", "Volume"]
+__all__ = ["Finding", "FindingCode", "Job", "Prediction", "SeriesInfo", "Volume"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,50 @@ class Volume:
     datasets: list[Dataset] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FindingCode:
+    """A coded concept of a finding (the card's ``outputs.classes[].code``).
+
+    Attributes
+    ----------
+    value, scheme, meaning : str
+        Code value, coding scheme designator (``SCT``, ``RADLEX``, ...) and code meaning.
+    """
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One classifier finding, decided by the card's output head.
+
+    A softmax head gives one finding per prediction (the most probable class, ``present``
+    True, ``threshold`` None); a sigmoid head gives one finding per class, present when its
+    probability reaches the class's threshold.
+
+    Attributes
+    ----------
+    name : str
+        The class name from the card.
+    probability : float
+        The class's probability in [0, 1].
+    present : bool
+        Whether the finding is reported as present.
+    threshold : float or None
+        The decision threshold used (sigmoid head); None for a softmax head (argmax).
+    code : FindingCode or None
+        The class's code from the card, if it has one.
+    """
+
+    name: str
+    probability: float
+    present: bool
+    threshold: float | None = None
+    code: FindingCode | None = None
+
+
 @dataclass
 class Prediction:
     """What a model produced for one job, in the geometry of the input series.
@@ -114,11 +158,19 @@ class Prediction:
         Per-label probabilities, shape (labels, slices, rows, columns), float32 in [0, 1],
         kept when a fractional segmentation is asked for.
     class_probabilities : dict of str to float or None
-        Classifier output per class name.
+        Classifier output per class name, after the card's head (softmax or sigmoid).
+    findings : list of Finding
+        Classifier findings decided from ``class_probabilities`` by the head (one for
+        softmax, one per class for sigmoid); empty for segmentation.
     reference_role : str
         The input role whose geometry ``labels`` follows.
     timings : dict of str to float
         Seconds per step (``preprocess``, ``infer``, ``postprocess``).
+    notes : list of str
+        What the runtime did that a reader should know (e.g. an input cropped to the card's
+        fixed size, a missing optional role filled with zeros).
+    extra : dict
+        Device and batch size of the run.
     """
 
     model: str
@@ -127,6 +179,8 @@ class Prediction:
     labels: sitk.Image | None = None
     probabilities: np.ndarray | None = None
     class_probabilities: dict[str, float] | None = None
+    findings: list[Finding] = field(default_factory=list)
     reference_role: str = "image"
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -11,7 +11,14 @@ import yaml
 
 from aenode.config import ConfigError
 from aenode.infer.cards import ModelCard, PreprocessSpec
-from aenode.infer.preprocess import normalize, pad_box, prepare, restore_labels, restore_probs
+from aenode.infer.preprocess import (
+    fit_box,
+    normalize,
+    pad_box,
+    prepare,
+    restore_labels,
+    restore_probs,
+)
 from aenode.infer.train import _case_names, hippocampus_card, split_cases
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +107,17 @@ def test_normalize_and_pad_box() -> None:
     assert pad_box((50, 51, 35), [48, 64, 48])[0] == slice(0, 50)
     with pytest.raises(ValueError, match=r"input volume is 2-D \(4x4\)"):
         prepare(sitk.Image([4, 4], sitk.sitkFloat32), PreprocessSpec())
+
+
+def test_fit_box_pads_and_crops_to_exactly_the_size() -> None:
+    # (z, y, x) shape 50, 51, 35 into pad_to (x, y, z) = (48, 64, 48)
+    inside, region = fit_box((50, 51, 35), [48, 64, 48])
+    assert inside == (slice(0, 48), slice(6, 57), slice(6, 41))
+    assert region == (slice(1, 49), slice(0, 51), slice(0, 35))
+    array = np.arange(50 * 51 * 35, dtype=np.float32).reshape(50, 51, 35)
+    image = _lps_image(array)
+    prep = prepare(image, PreprocessSpec(intensity="none", pad_to=[48, 64, 48]), fixed=True)
+    assert prep.array.shape == (48, 64, 48) and prep.cropped
+    np.testing.assert_array_equal(prep.array[:, 6:57, 6:41], array[1:49])
+    back = sitk.GetArrayFromImage(restore_labels(np.ones((48, 64, 48), np.uint8), prep, image))
+    assert back[1:49].all() and not back[0].any() and not back[49].any()

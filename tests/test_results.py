@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import yaml
 
 from aenode.config import ResultsSettings
 from aenode.infer.cards import ModelCard
@@ -27,6 +28,7 @@ from aenode.results import ResultError, label_volumes_mm3, write_results
 from aenode.results.report import PAGE_SIZE
 from aenode.results.seg import build_seg
 
+ROOT = Path(__file__).resolve().parents[1]
 HIPPO = "udacity-mr/Study1/13_HCropVolume"
 ANATOMY = {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"}
 
@@ -49,6 +51,7 @@ CARD = {
                     "meaning": "Anatomical Structure",
                 },
                 "type": {"value": "5366008", "scheme": "SCT", "meaning": "Hippocampus"},
+                "type_modifier": {"value": "255549009", "scheme": "SCT", "meaning": "Anterior"},
                 "color": [255, 80, 80],
             },
             {
@@ -60,6 +63,7 @@ CARD = {
                     "meaning": "Anatomical Structure",
                 },
                 "type": {"value": "5366008", "scheme": "SCT", "meaning": "Hippocampus"},
+                "type_modifier": {"value": "255551008", "scheme": "SCT", "meaning": "Posterior"},
                 "color": [80, 160, 255],
             },
         ]
@@ -192,6 +196,41 @@ def test_seg_segments_carry_card_codes(written) -> None:
         assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("hippocampus", "1.2.0")
 
 
+def test_seg_segment_codes_tell_anterior_from_posterior(written) -> None:
+    result, _ = written
+    seg = pydicom.dcmread(result.files[0])
+    codes = []
+    for item in seg.SegmentSequence:
+        (kind,) = item.SegmentedPropertyTypeCodeSequence
+        (modifier,) = kind.SegmentedPropertyTypeModifierCodeSequence
+        codes.append(
+            (
+                kind.CodeValue,
+                modifier.CodingSchemeDesignator,
+                modifier.CodeValue,
+                modifier.CodeMeaning,
+            )
+        )
+    assert codes == [
+        ("5366008", "SCT", "255549009", "Anterior"),
+        ("5366008", "SCT", "255551008", "Posterior"),
+    ]
+    # the SR's volume groups say it too: finding site Hippocampus with the modifier
+    sr = hd.sr.srread(result.files[2])
+    sites = [g.finding_sites for g in sr.content.get_volumetric_roi_measurement_groups()]
+    assert [[s.value.meaning for s in site] for site in sites] == [["Hippocampus"]] * 2
+    modifiers = [site[0].ContentSequence[0].ConceptCodeSequence[0].CodeValue for site in sites]
+    assert modifiers == ["255549009", "255551008"]
+
+
+def test_the_shipped_card_codes_each_segment_distinctly() -> None:
+    card = yaml.safe_load((ROOT / "models" / "hippocampus" / "model.yaml").read_text())
+    assert [
+        (label["type"]["value"], label["type_modifier"]["value"])
+        for label in card["outputs"]["labels"]
+    ] == [("5366008", "255549009"), ("5366008", "255551008")]
+
+
 def test_sr_volumes_equal_mask_volumes(written, hippo: Volume) -> None:
     result, mask = written
     sr = hd.sr.srread(result.files[2])
@@ -282,13 +321,14 @@ def test_classifier_findings_in_sr(hippo: Volume, card: ModelCard, tmp_path: Pat
             **CARD,
             "task": "classification",
             "outputs": {
+                "head": "sigmoid",
                 "classes": [
                     {
                         "name": "bleed",
                         "threshold": 0.5,
-                        "finding": {"value": "50960005", "scheme": "SCT", "meaning": "Hemorrhage"},
+                        "code": {"value": "50960005", "scheme": "SCT", "meaning": "Hemorrhage"},
                     }
-                ]
+                ],
             },
         }
     )

@@ -2,7 +2,9 @@
 
 The same functions serve training and inference, so that a model sees at run time exactly
 what it saw while it learned: orientation (``sitk.DICOMOrient``), resampling to the card's
-spacing, intensity normalisation and padding, then the inverse for the output.
+spacing, intensity normalisation and padding (or, for a fixed input size, padding and
+centre-cropping), then the inverse for the output. Arrays are (z, y, x); the card's sizes
+are (x, y, z) and are reversed here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ import SimpleITK as sitk
 
 from aenode.infer.cards import PreprocessSpec
 
-__all__ = ["Prepared", "normalize", "pad_box", "prepare", "restore_labels", "restore_probs"]
+__all__ = [
+    "Prepared",
+    "fit_box",
+    "normalize",
+    "pad_box",
+    "prepare",
+    "restore_labels",
+    "restore_probs",
+]
 
 
 @dataclass
@@ -28,12 +38,24 @@ class Prepared:
     grid : SimpleITK.Image
         The oriented and resampled image before padding (its geometry is the network's).
     crop : tuple of slice
-        Where ``grid`` lies inside ``array`` (z, y, x).
+        Where the kept part of ``grid`` lies inside ``array`` (z, y, x).
+    region : tuple of slice or None
+        The part of ``grid`` that is in ``array`` (z, y, x); None when all of it is (no
+        cropping). Outside it the output is background.
     """
 
     array: np.ndarray
     grid: sitk.Image
     crop: tuple[slice, slice, slice]
+    region: tuple[slice, slice, slice] | None = None
+
+    @property
+    def cropped(self) -> bool:
+        """Whether part of the volume was cut away to reach a fixed input size."""
+        if self.region is None:
+            return False
+        shape = sitk.GetArrayViewFromImage(self.grid).shape
+        return any(r.stop - r.start != n for r, n in zip(self.region, shape, strict=True))
 
 
 def normalize(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -60,7 +82,9 @@ def normalize(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         sd = float(a.std())
         return np.asarray((a - float(a.mean())) / (sd if sd > 1e-6 else 1.0), dtype=np.float32)
     if spec.intensity == "window":
-        lo, hi = spec.window or (float(a.min()), float(a.max()))
+        if spec.window is None:  # the card validator requires it; a hand-built spec may not
+            raise ValueError("inputs.preprocessing.window: required when intensity is window")
+        lo, hi = spec.window
     else:
         p_lo, p_hi = spec.percentiles or (0.5, 99.5)
         lo, hi = (float(v) for v in np.percentile(a, [p_lo, p_hi]))
@@ -92,6 +116,37 @@ def pad_box(shape: tuple[int, ...], pad_to: list[int] | None) -> tuple[slice, ..
     )
 
 
+def fit_box(
+    shape: tuple[int, ...], size: list[int]
+) -> tuple[tuple[slice, slice, slice], tuple[slice, slice, slice]]:
+    """Centred placement of an array of ``shape`` in a box of exactly ``size``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (z, y, x) shape of the array.
+    size : list of int
+        The card's fixed size in (x, y, z) order.
+
+    Returns
+    -------
+    tuple
+        ``(inside, region)``: (z, y, x) slices into the box where the array goes, and
+        slices into the array of the part that fits (the centre, where it is larger).
+    """
+    inside: list[slice] = []
+    region: list[slice] = []
+    for s, t in zip(shape, reversed(size), strict=True):
+        if t >= s:
+            inside.append(slice((t - s) // 2, (t - s) // 2 + s))
+            region.append(slice(0, s))
+        else:
+            start = (s - t) // 2
+            inside.append(slice(0, t))
+            region.append(slice(start, start + t))
+    return (inside[0], inside[1], inside[2]), (region[0], region[1], region[2])
+
+
 def _padded(array: np.ndarray, box: tuple[slice, ...], pad_to: list[int] | None) -> np.ndarray:
     if pad_to is None:
         return array
@@ -101,8 +156,8 @@ def _padded(array: np.ndarray, box: tuple[slice, ...], pad_to: list[int] | None)
     return out
 
 
-def prepare(image: sitk.Image, spec: PreprocessSpec) -> Prepared:
-    """Orient, resample, normalise and pad a volume for the network.
+def prepare(image: sitk.Image, spec: PreprocessSpec, *, fixed: bool = False) -> Prepared:
+    """Orient, resample, normalise and pad (or fit) a volume for the network.
 
     Parameters
     ----------
@@ -110,6 +165,11 @@ def prepare(image: sitk.Image, spec: PreprocessSpec) -> Prepared:
         The input volume in patient space (a DICOM series or a NIfTI file).
     spec : PreprocessSpec
         The card's ``inputs.preprocessing``.
+    fixed : bool
+        ``pad_to`` is the exact network input size (the card has no ``runtime.patch_size``,
+        see :attr:`ModelCard.fixed_size`): smaller dimensions are zero-padded and larger
+        ones centre-cropped, so the array has exactly that shape. Otherwise ``pad_to`` is a
+        minimum and larger dimensions stay as they are.
 
     Returns
     -------
@@ -150,14 +210,25 @@ def prepare(image: sitk.Image, spec: PreprocessSpec) -> Prepared:
             sitk.sitkFloat32,
         )
     array = normalize(sitk.GetArrayFromImage(img), spec)
+    if fixed and spec.pad_to is not None:
+        inside, region = fit_box(array.shape, spec.pad_to)
+        out = np.zeros(tuple(reversed(spec.pad_to)), dtype=np.float32)
+        out[inside] = array[region]
+        return Prepared(array=out, grid=img, crop=inside, region=region)
     box = pad_box(array.shape, spec.pad_to)
     crop = (box[0], box[1], box[2])
     return Prepared(array=_padded(array, box, spec.pad_to), grid=img, crop=crop)
 
 
-def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(grid)
+def _on_grid(array: np.ndarray, prepared: Prepared) -> sitk.Image:
+    """The network-grid values of the kept region put on ``prepared.grid`` (zeros outside)."""
+    values = array[prepared.crop]
+    if prepared.region is not None:
+        full = np.zeros(sitk.GetArrayViewFromImage(prepared.grid).shape, dtype=values.dtype)
+        full[prepared.region] = values
+        values = full
+    out = sitk.GetImageFromArray(values)
+    out.CopyInformation(prepared.grid)
     return out
 
 
@@ -167,7 +238,8 @@ def restore_labels(labels: np.ndarray, prepared: Prepared, reference: sitk.Image
     Parameters
     ----------
     labels : numpy.ndarray
-        (z, y, x) integer labels on the padded network grid.
+        (z, y, x) integer labels on the padded network grid; voxels cropped away before the
+        network are background (0).
     prepared : Prepared
         What :func:`prepare` returned for the reference volume.
     reference : SimpleITK.Image
@@ -178,7 +250,7 @@ def restore_labels(labels: np.ndarray, prepared: Prepared, reference: sitk.Image
     SimpleITK.Image
         uint8 labels with the reference's size, origin, spacing and direction.
     """
-    img = _on_grid(labels[prepared.crop].astype(np.uint8), prepared.grid)
+    img = _on_grid(labels.astype(np.uint8), prepared)
     return sitk.Resample(img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
 
 
@@ -188,7 +260,8 @@ def restore_probs(probs: np.ndarray, prepared: Prepared, reference: sitk.Image) 
     Parameters
     ----------
     probs : numpy.ndarray
-        (labels, z, y, x) float probabilities on the padded network grid.
+        (labels, z, y, x) float probabilities on the padded network grid; voxels cropped
+        away before the network get 0.
     prepared : Prepared
         What :func:`prepare` returned for the reference volume.
     reference : SimpleITK.Image
@@ -201,7 +274,7 @@ def restore_probs(probs: np.ndarray, prepared: Prepared, reference: sitk.Image) 
     """
     out = []
     for channel in probs:
-        img = _on_grid(channel[prepared.crop].astype(np.float32), prepared.grid)
+        img = _on_grid(channel.astype(np.float32), prepared)
         res = sitk.Resample(img, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
         out.append(np.clip(sitk.GetArrayFromImage(res), 0.0, 1.0))
     return np.stack(out).astype(np.float32)

@@ -2,8 +2,9 @@
 
 A package is a folder ``<name>/`` holding ``model.yaml`` (a :class:`ModelCard`) and the
 weights it names. Anything wrong (unreadable YAML, an invalid card, a missing weights file,
-a checksum mismatch, weights that do not fit the architecture) stops start-up with a
-:class:`RegistryError` naming the card file, the field and the reason, e.g.
+a checksum mismatch, weights that do not fit the architecture, a network whose output on a
+dummy input of the card's size does not match the card's labels or classes) stops start-up
+with a :class:`RegistryError` naming the card file, the field and the reason, e.g.
 ``models/hippocampus/model.yaml: runtime.sha256: does not match model.pt (expected ..., got ...)``.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from pydantic import ValidationError
@@ -82,9 +84,9 @@ def _read_card(card_path: Path) -> ModelCard:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+            loc = ".".join(str(p) for p in err["loc"])
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"{loc}: {msg}")
+            lines.append(f"{loc}: {msg}" if loc else msg)  # a card-level rule names its field
         raise RegistryError(f"{card_path}: " + "; ".join(lines)) from exc
 
 
@@ -160,6 +162,77 @@ def _load_network(card: ModelCard, weights: Path, card_path: Path) -> torch.nn.M
     return net
 
 
+# Without pad_to or patch_size a model takes any size; the check then uses this one
+# (divisible by 16, so that U-Nets with four down-samplings fit).
+_DUMMY_SIZE = [32, 32, 32]
+
+
+def _dummy_shape(card: ModelCard) -> tuple[list[int], str, str]:
+    """The (x, y, z) size of the load-time check's dummy input, the field to blame, its origin.
+
+    A sliding-window model is checked on one window (``runtime.patch_size``), a fixed-size
+    model on ``inputs.preprocessing.pad_to``, any other on a small default size.
+    """
+    if card.runtime.patch_size is not None:
+        return list(card.runtime.patch_size), "runtime.patch_size", "runtime.patch_size"
+    pad_to = "inputs.preprocessing.pad_to"
+    if card.inputs.preprocessing.pad_to is not None:
+        return list(card.inputs.preprocessing.pad_to), pad_to, pad_to
+    return list(_DUMMY_SIZE), pad_to, f"the default, as the card sets no {pad_to}"
+
+
+def _check_network(card: ModelCard, net: torch.nn.Module, card_path: Path) -> None:
+    """Run the network once on a dummy input of the card's shape and check its output."""
+    size, field, source = _dummy_shape(card)
+    shape = [1, card.channels, *reversed(size)]
+    channels = f"{card.channels} channel(s): one per inputs.roles" + (
+        " plus inputs.presence_channels" if card.inputs.presence_channels else ""
+    )
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            out = net(x)
+    except Exception as exc:  # any failure of the forward pass is the card's or the network's
+        first = " ".join(str(exc).strip().splitlines()[:2])
+        raise _fail(
+            card_path,
+            "inputs.roles",
+            f"the network fails on a dummy input {shape} ([batch, channel, z, y, x]; "
+            f"{channels}; size {size} (x, y, z) from {source}): {type(exc).__name__}: {first}",
+        ) from exc
+    if isinstance(out, (list, tuple)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise _fail(card_path, "runtime.weights", f"the network returns {type(out).__name__}")
+    got = list(out.shape)
+    if card.task == "segmentation":
+        want = len(card.outputs.labels) + 1
+        if len(got) != 5 or got[1] != want:
+            raise _fail(
+                card_path,
+                "outputs.labels",
+                f"the network gives {got} for a dummy input {shape}; a segmentation needs "
+                f"[1, {want}, z, y, x] ({len(card.outputs.labels)} labels + background)",
+            )
+        if got[2:] != shape[2:]:
+            raise _fail(
+                card_path,
+                field,
+                f"the network gives a {got[2:]} grid for a {shape[2:]} input (z, y, x); "
+                "a segmentation network must keep the input's size",
+            )
+        return
+    n = len(card.outputs.classes)
+    if not got or got[0] != 1 or int(np.prod(got[1:])) != n:
+        raise _fail(
+            card_path,
+            "outputs.classes",
+            f"the network gives {int(np.prod(got[1:])) if got else 0} output(s) (shape {got}) "
+            f"for a dummy input {shape} but the card lists {n} class(es) "
+            f"{[c.name for c in card.outputs.classes]} for a {card.outputs.head} head",
+        )
+
+
 def load_package(folder: Path) -> LoadedModel:
     """Validate one package folder and load its network.
 
@@ -177,7 +250,8 @@ def load_package(folder: Path) -> LoadedModel:
     ------
     RegistryError
         If the card is missing or invalid, the weights file is missing, its sha256 differs
-        from the card's, or the weights do not load; the message names file and field.
+        from the card's, the weights do not load, or the network's output on a dummy input
+        of the card's size does not fit the card; the message names file and field.
     """
     card_path = folder / CARD_FILE
     if not card_path.is_file():
@@ -195,6 +269,7 @@ def load_package(folder: Path) -> LoadedModel:
             f"does not match {card.runtime.weights} (expected {card.runtime.sha256}, got {actual})",
         )
     net = _load_network(card, weights, card_path)
+    _check_network(card, net, card_path)
     log.info("loaded model %s %s", card.name, card.version, extra={"model": card.name})
     return LoadedModel(card=card, path=folder, network=net)
 
@@ -316,6 +391,7 @@ def model_summary(model: LoadedModel) -> dict[str, Any]:
         "roles": [r.name for r in card.inputs.roles],
         "labels": [label.name for label in card.outputs.labels],
         "classes": [c.name for c in card.outputs.classes],
+        "head": card.outputs.head or ("softmax" if card.task == "segmentation" else None),
         "weights": str(weights),
         "weights_mb": round(weights.stat().st_size / 1e6, 2),
         "sha256": card.runtime.sha256,

@@ -5,9 +5,12 @@ worker (``cuda:N`` for each GPU, else the CPU) and waits at most
 ``runtime.job_timeout_seconds`` (counted from submission). A worker takes several queued
 jobs of the same model and input shape at once and runs them as one batch (up to the
 card's ``runtime.batch_size``); volumes larger than the card's patch go through MONAI's
-sliding window. Inputs are oriented, resampled, normalised and padded as the card says, and
-outputs are put back on the grid of the reference role's volume. A failing job raises
-:class:`InferenceError` naming model and reason; the worker goes on with the next one.
+sliding window. Inputs are oriented, resampled, normalised and padded (to exactly
+``pad_to`` when the card has a fixed input size) as the card says; roles become channels in
+card order, a missing optional role an all-zero channel (and a 0 presence channel with
+``inputs.presence_channels``). Outputs go through the card's head and are put back on the
+grid of the reference role's volume. The contract is written in ``docs/models.md``. A
+failing job raises :class:`InferenceError` naming model and reason; the worker goes on.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch
 from aenode.config import ConfigError, RuntimeSettings
 from aenode.errors import InputError
 from aenode.infer.cards import ModelCard
-from aenode.infer.forward import predict_probs
+from aenode.infer.findings import findings_for
+from aenode.infer.forward import class_scores, predict_probs
 from aenode.infer.preprocess import Prepared, prepare, restore_labels, restore_probs
 from aenode.infer.registry import Registry
 from aenode.process import resolve_threads
@@ -87,6 +91,7 @@ class _Ready:
     prepared: Prepared
     array: np.ndarray  # (channels, z, y, x)
     preprocess_s: float
+    notes: list[str] = field(default_factory=list)
 
 
 _STOP = object()
@@ -159,8 +164,18 @@ class _Worker:
         reference = _reference_role(card, job.volumes, job.model)
         ref_image = job.volumes[reference].image
         spec = card.inputs.preprocessing
-        prepared_ref = prepare(ref_image, spec)
+        fixed = card.fixed_size is not None
+        prepared_ref = prepare(ref_image, spec, fixed=fixed)
+        notes = []
+        if prepared_ref.cropped:
+            kept = [r.stop - r.start for r in reversed(prepared_ref.region or ())]
+            outside = ", outside is background" if card.task == "segmentation" else ""
+            notes.append(
+                f"input centre-cropped to inputs.preprocessing.pad_to {spec.pad_to} (x, y, z); "
+                f"kept {kept} of {list(prepared_ref.grid.GetSize())} voxels{outside}"
+            )
         channels = []
+        presence = []
         for role in card.inputs.roles:
             if role.name == reference:
                 channels.append(prepared_ref.array)
@@ -172,11 +187,16 @@ class _Worker:
                     sitk.sitkLinear,
                     0.0,
                 )
-                channels.append(prepare(img, spec).array)
+                channels.append(prepare(img, spec, fixed=fixed).array)
             else:
                 channels.append(np.zeros_like(prepared_ref.array))
+                notes.append(f"optional role {role.name!r} missing: its channel is all zeros")
+            if not role.required:
+                presence.append(1.0 if role.name in job.volumes else 0.0)
+        if card.inputs.presence_channels:
+            channels += [np.full_like(prepared_ref.array, value) for value in presence]
         array = np.stack(channels).astype(np.float32)
-        return _Ready(job, reference, prepared_ref, array, time.perf_counter() - t0)
+        return _Ready(job, reference, prepared_ref, array, time.perf_counter() - t0, notes)
 
     def _run_batch(self, batch: list[_Ready]) -> None:
         name = batch[0].job.model
@@ -189,10 +209,8 @@ class _Worker:
             if card.task == "segmentation":
                 probs = predict_probs(net, x, card.runtime, autocast=autocast).cpu().numpy()
             else:
-                with torch.inference_mode():
-                    logits = net(x).float()
-                single = logits.shape[1] == 1
-                scores = torch.sigmoid(logits) if single else torch.softmax(logits, 1)
+                assert card.outputs.head is not None  # the card validator requires it
+                scores = class_scores(net, x, card.runtime, card.outputs.head, autocast=autocast)
                 probs = scores.cpu().numpy()
         except Exception as exc:  # the whole batch failed; each caller gets the reason
             for r in batch:
@@ -208,6 +226,7 @@ class _Worker:
                     infer=round(infer_s, 4),
                 )
                 prediction.extra.update(device=str(self.device), batch=len(batch))
+                prediction.notes[:0] = r.notes
                 if not r.job.future.done():
                     r.job.future.set_result(prediction)
             except Exception as exc:
@@ -220,18 +239,28 @@ class _Worker:
             values = probs.reshape(-1)
             names = [c.name for c in card.outputs.classes]
             if values.size != len(names):
-                raise ValueError(f"network gives {values.size} outputs for {len(names)} classes")
+                raise ValueError(
+                    f"network gives {values.size} outputs for {len(names)} outputs.classes"
+                )
+            scores = {n: float(v) for n, v in zip(names, values, strict=True)}
             return Prediction(
                 model=card.name,
                 version=card.version,
                 task=card.task,
-                class_probabilities={n: float(v) for n, v in zip(names, values, strict=True)},
+                class_probabilities=scores,
+                findings=findings_for(card, scores),
                 reference_role=ready.reference,
+                timings={"postprocess": round(time.perf_counter() - t0, 4)},
             )
         n_labels = len(card.outputs.labels)
         if probs.shape[0] != n_labels + 1:
             raise ValueError(
                 f"network gives {probs.shape[0]} channels for {n_labels} labels + background"
+            )
+        if probs.shape[1:] != ready.array.shape[1:]:
+            raise ValueError(
+                f"network output grid {probs.shape[1:]} differs from its input "
+                f"{ready.array.shape[1:]} (z, y, x)"
             )
         index = probs.argmax(0).astype(np.uint8)
         values = np.array([0, *(label.value for label in card.outputs.labels)], np.uint8)

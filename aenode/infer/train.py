@@ -79,7 +79,8 @@ def hippocampus_card(runtime: RuntimeSpec | None = None) -> ModelCard:
     -------
     ModelCard
         Labels coded as SCT 5366008 "Hippocampus" (CID 7140) under SCT 91723000
-        "Anatomical Structure", named anterior and posterior.
+        "Anatomical Structure", told apart by the type modifiers SCT 255549009 "Anterior"
+        and SCT 255551008 "Posterior".
     """
     category = Code(value="91723000", scheme="SCT", meaning="Anatomical Structure")
     hippocampus = Code(value="5366008", scheme="SCT", meaning="Hippocampus")
@@ -113,6 +114,7 @@ def hippocampus_card(runtime: RuntimeSpec | None = None) -> ModelCard:
                     name="Anterior hippocampus",
                     category=category,
                     type=hippocampus,
+                    type_modifier=Code(value="255549009", scheme="SCT", meaning="Anterior"),
                     color=[255, 170, 0],
                 ),
                 LabelSpec(
@@ -120,6 +122,7 @@ def hippocampus_card(runtime: RuntimeSpec | None = None) -> ModelCard:
                     name="Posterior hippocampus",
                     category=category,
                     type=hippocampus,
+                    type_modifier=Code(value="255551008", scheme="SCT", meaning="Posterior"),
                     color=[0, 160, 255],
                 ),
             ]

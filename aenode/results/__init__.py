@@ -136,6 +136,7 @@ def write_results(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ResultSet(volumes_mm3=label_volumes_mm3(prediction, card))
+    result.notes.extend(prediction.notes)
 
     seg: Dataset | None = None
     if settings.seg and card.outputs.labels and prediction.labels is not None:

@@ -1,5 +1,8 @@
 """Secondary-capture report: one rendered RGB page (model, findings, key slices, disclaimer).
 
+A segmentation's page shows the key slices with the mask overlaid; a classifier's page shows
+its findings (decided by the card's head) and the input's three central planes.
+
 The page is drawn with Pillow and numpy and wrapped in a highdicom ``SCImage`` (RGB, 8 bit,
 uncompressed) so that any viewer shows it; the same page is written as ``report.png``.
 """
@@ -19,6 +22,7 @@ from aenode.dicomread import read_text
 from aenode.infer.cards import ModelCard
 from aenode.records import Prediction, Volume
 from aenode.results.source import (
+    findings_of,
     label_masks,
     reference_datasets,
     series_description,
@@ -31,6 +35,7 @@ __all__ = [
     "PAGE_SIZE",
     "REPORT_SERIES_OFFSET",
     "build_report",
+    "central_planes",
     "key_slices",
     "render_page",
 ]
@@ -103,6 +108,68 @@ def _tile(image: np.ndarray, masks: np.ndarray, colors: Sequence[Sequence[int]])
     return tile.resize(size, Image.Resampling.NEAREST)
 
 
+def _finding_lines(prediction: Prediction, card: ModelCard) -> list[str]:
+    findings = findings_of(prediction, card)
+    if card.outputs.head == "softmax" and findings:
+        (best,) = findings
+        others = ", ".join(
+            f"{name} {p:.3f}"
+            for name, p in (prediction.class_probabilities or {}).items()
+            if name != best.name
+        )
+        return [f"Finding: {best.name} (p = {best.probability:.3f})"] + (
+            [f"other classes: {others}"] if others else []
+        )
+    lines = []
+    for f in findings:
+        verdict = "present" if f.present else "absent"
+        rule = f", threshold {f.threshold:.2f}" if f.threshold is not None else ""
+        lines.append(f"{f.name}: p = {f.probability:.3f} ({verdict}{rule})")
+    return lines
+
+
+def central_planes(volume: Volume) -> list[tuple[str, np.ndarray]]:
+    """The volume's three central planes, for a page without a mask (a classifier's input).
+
+    Parameters
+    ----------
+    volume : aenode.records.Volume
+        The reference volume.
+
+    Returns
+    -------
+    list of (str, numpy.ndarray)
+        Caption and 2-D float32 plane: the central slice, then the central planes along the
+        rows and the columns, each resampled to square pixels and, for the latter two, with
+        the patient's head up when the slices run along the body axis.
+    """
+    image = sitk.GetArrayViewFromImage(volume.image).astype(np.float32)  # (z, y, x)
+    sx, sy, sz = volume.image.GetSpacing()
+    direction = np.asarray(volume.image.GetDirection(), dtype=float).reshape(3, 3)
+    nz, ny, nx = image.shape
+    names = ("sagittal", "coronal", "axial")  # normal mostly along L, P or S (LPS)
+
+    def plane_name(axis: int) -> str:
+        return names[int(np.abs(direction[:, axis]).argmax())]
+
+    head_up = direction[2, 2] > 0  # slice index grows towards the head: flip to show it on top
+    planes = [
+        (f"{plane_name(2)}, slice {nz // 2 + 1} of {nz}", image[nz // 2], sy / sx),
+        (f"{plane_name(1)}, row {ny // 2 + 1} of {ny}", image[:, ny // 2, :], sz / sx),
+        (f"{plane_name(0)}, column {nx // 2 + 1} of {nx}", image[:, :, nx // 2], sz / sy),
+    ]
+    out = []
+    for i, (caption, plane, aspect) in enumerate(planes):
+        if i and head_up:
+            plane = plane[::-1]
+        rows = max(1, round(plane.shape[0] * aspect))
+        if rows != plane.shape[0]:
+            index = np.minimum((np.arange(rows) / aspect).astype(int), plane.shape[0] - 1)
+            plane = plane[index]
+        out.append((caption, np.ascontiguousarray(plane)))
+    return out
+
+
 def render_page(
     volume: Volume,
     prediction: Prediction,
@@ -116,7 +183,8 @@ def render_page(
     volume : aenode.records.Volume
         The reference volume (key slices and study identifiers).
     prediction : aenode.records.Prediction
-        Its label map is overlaid; ``class_probabilities`` are listed.
+        Its label map is overlaid; its classifier ``findings`` are listed (the input's
+        central planes shown).
     card : aenode.infer.cards.ModelCard
         Name, version, description, labels (colours) and classes.
     volumes_mm3 : Mapping[str, float]
@@ -174,10 +242,8 @@ def render_page(
             fill=(0, 0, 0),
         )
         y += 26
-    thresholds = {c.name: c.threshold for c in card.outputs.classes}
-    for name, p in (prediction.class_probabilities or {}).items():
-        verdict = "positive" if p >= thresholds.get(name, 0.5) else "negative"
-        draw.text((54, y), f"{name}: p = {p:.3f} ({verdict})", fill=(0, 0, 0), font=body)
+    for line in _finding_lines(prediction, card):
+        draw.text((54, y), line, fill=(0, 0, 0), font=body)
         y += 26
 
     if prediction.labels is not None and card.outputs.labels:
@@ -191,6 +257,13 @@ def render_page(
             draw.text(
                 (x, y + 8), f"slice {idx + 1} of {masks.shape[0]}", fill=(0, 0, 0), font=small
             )
+            x += _TILE + 20
+    elif card.task == "classification":
+        x = 30
+        for caption, plane in central_planes(volume):
+            tile = _tile(plane, np.zeros((*plane.shape, 0), bool), [])
+            page.paste(tile, (x, y + 30))
+            draw.text((x, y + 8), caption, fill=(0, 0, 0), font=small)
             x += _TILE + 20
 
     draw.rectangle((0, PAGE_SIZE[1] - 50, PAGE_SIZE[0], PAGE_SIZE[1]), fill=(180, 0, 0))

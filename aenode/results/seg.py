@@ -31,7 +31,8 @@ def segment_descriptions(card: ModelCard) -> list[hd.seg.SegmentDescription]:
     Parameters
     ----------
     card : aenode.infer.cards.ModelCard
-        ``outputs.labels`` gives name, coded category and type, and display colour.
+        ``outputs.labels`` gives name, coded category, type and optional type modifier
+        (Segmented Property Type Modifier Code Sequence), and display colour.
 
     Returns
     -------
@@ -40,19 +41,23 @@ def segment_descriptions(card: ModelCard) -> list[hd.seg.SegmentDescription]:
     algorithm = algorithm_identification(card)
     out = []
     for number, spec in enumerate(card.outputs.labels, start=1):
-        out.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=spec.name[:64],
-                segmented_property_category=coded(spec.category),
-                segmented_property_type=coded(spec.type),
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-                tracking_uid=hd.UID(),
-                tracking_id=f"{card.name} {spec.name}"[:64],
-                display_color=hd.color.CIELabColor.from_rgb(*spec.color),
-            )
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=spec.name[:64],
+            segmented_property_category=coded(spec.category),
+            segmented_property_type=coded(spec.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=hd.UID(),
+            tracking_id=f"{card.name} {spec.name}"[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*spec.color),
         )
+        if spec.type_modifier is not None:
+            # highdicom 0.28 has no argument for it: Segmented Property Type Modifier Code
+            # Sequence (0062,0011) goes inside the type's item (codes from CID 2, e.g. Anterior)
+            item = description.SegmentedPropertyTypeCodeSequence[0]
+            item.SegmentedPropertyTypeModifierCodeSequence = [coded(spec.type_modifier)]
+        out.append(description)
     return out
 
 

@@ -20,13 +20,15 @@ from aenode.config import ResultsSettings
 from aenode.dicomread import unreadable_elements
 from aenode.errors import InputError
 from aenode.infer.cards import Code, LabelSpec, ModelCard
-from aenode.records import Prediction, Volume
+from aenode.infer.findings import findings_for
+from aenode.records import Finding, Prediction, Volume
 from aenode.version import __version__
 
 __all__ = [
     "ResultError",
     "algorithm_identification",
     "coded",
+    "findings_of",
     "label_masks",
     "reference_datasets",
     "series_description",
@@ -68,6 +70,36 @@ def coded(code: Code) -> hd.sr.CodedConcept:
     highdicom.sr.CodedConcept
     """
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def findings_of(prediction: Prediction, card: ModelCard) -> list[Finding]:
+    """The prediction's classifier findings; decided from its probabilities when it has none.
+
+    Parameters
+    ----------
+    prediction : aenode.records.Prediction
+        ``findings``, or ``class_probabilities`` to decide them from by the card's head.
+    card : aenode.infer.cards.ModelCard
+        ``outputs.head`` and ``outputs.classes``.
+
+    Returns
+    -------
+    list of aenode.records.Finding
+        Empty for a segmentation.
+
+    Raises
+    ------
+    ResultError
+        If the probabilities do not name the card's classes.
+    """
+    if prediction.findings or card.task != "classification":
+        return list(prediction.findings)
+    if not prediction.class_probabilities:
+        return []
+    try:
+        return findings_for(card, prediction.class_probabilities)
+    except ValueError as exc:
+        raise ResultError(str(exc)) from exc
 
 
 def software_versions(card: ModelCard) -> list[str]:

@@ -1,4 +1,12 @@
-"""TID 1500 measurement report (Comprehensive 3D SR): segment volumes and classifier findings."""
+"""TID 1500 measurement report (Comprehensive 3D SR): segment volumes and classifier findings.
+
+A segment's group has the label's type as finding type and, when the card gives a type
+modifier, a finding site with it as topographical modifier (e.g. Hippocampus, Anterior).
+A classifier finding is one group: the class's code as finding type, its probability as a
+numeric item (DCM 122157 Probability, UCUM 1) and the finding as a qualitative evaluation
+``<class> = Present`` (SCT 52101004) or ``Absent`` (SCT 272519000). A softmax head gives one
+group, the most probable class, present; a sigmoid head one group per class.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +18,10 @@ from pydicom.sr.codedict import codes
 
 from aenode.config import ResultsSettings
 from aenode.infer.cards import ModelCard
-from aenode.records import Prediction, Volume
+from aenode.records import Finding, Prediction, Volume
 from aenode.results.source import (
     coded,
+    findings_of,
     reference_datasets,
     series_description,
     software_versions,
@@ -50,6 +59,11 @@ def _volume_groups(
             unit=codes.UCUM.CubicMillimeter,
             algorithm_id=_algorithm(card),
         )
+        sites = (
+            [hd.sr.FindingSite(coded(spec.type), topographical_modifier=coded(spec.type_modifier))]
+            if spec.type_modifier is not None
+            else None
+        )
         if seg is not None:
             # Built by hand: from_segmentation fails when a single segment puts
             # SegmentIdentificationSequence in the shared functional groups (NOTES.md).
@@ -67,6 +81,7 @@ def _volume_groups(
                     finding_category=coded(spec.category),
                     algorithm_id=_algorithm(card),
                     measurements=[measurement],
+                    finding_sites=sites,
                 )
             )
         else:
@@ -77,37 +92,41 @@ def _volume_groups(
                     finding_category=coded(spec.category),
                     algorithm_id=_algorithm(card),
                     measurements=[measurement],
+                    finding_sites=sites,
                 )
             )
     return groups
 
 
+def _class_code(finding: Finding) -> hd.sr.CodedConcept:
+    if finding.code is not None:
+        c = finding.code
+        return hd.sr.CodedConcept(value=c.value, scheme_designator=c.scheme, meaning=c.meaning)
+    return hd.sr.CodedConcept(finding.name[:16], _LOCAL_SCHEME, finding.name[:64])
+
+
 def _class_groups(
     card: ModelCard, prediction: Prediction
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    specs = {c.name: c for c in card.outputs.classes}
     groups = []
-    for name, probability in (prediction.class_probabilities or {}).items():
-        spec = specs.get(name)
-        threshold = spec.threshold if spec is not None else 0.5
-        finding = (
-            coded(spec.finding)
-            if spec is not None and spec.finding is not None
-            else hd.sr.CodedConcept(name[:16], _LOCAL_SCHEME, name[:64])
-        )
-        present = codes.SCT.Present if probability >= threshold else codes.SCT.Absent
+    for finding in findings_of(prediction, card):
+        concept = _class_code(finding)
+        # "<class> = Present / Absent"; a softmax head has one finding, always present (the
+        # TID 1501 "Finding" concept is the finding type, so it cannot name the evaluation)
+        present = codes.SCT.Present if finding.present else codes.SCT.Absent
+        evaluation = hd.sr.QualitativeEvaluation(name=concept, value=present)
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=hd.UID(), identifier=f"{card.name} {name}"[:64]
+                    uid=hd.UID(), identifier=f"{card.name} {finding.name}"[:64]
                 ),
-                finding_type=finding,
+                finding_type=concept,
                 algorithm_id=_algorithm(card),
-                qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=present)],
+                qualitative_evaluations=[evaluation],
                 measurements=[
                     hd.sr.Measurement(
                         name=codes.DCM.Probability,
-                        value=float(probability),
+                        value=float(finding.probability),
                         unit=codes.UCUM.NoUnits,
                         algorithm_id=_algorithm(card),
                     )
@@ -132,9 +151,10 @@ def build_sr(
     volume : aenode.records.Volume
         The reference volume; its source instances are the evidence.
     prediction : aenode.records.Prediction
-        ``class_probabilities`` become qualitative evaluations with their probability.
+        ``findings`` (or, when empty, ``class_probabilities`` decided by the card's head)
+        become qualitative evaluations with their probability.
     card : aenode.infer.cards.ModelCard
-        Labels (coded finding type and category) and classes (coded finding, threshold).
+        Labels (coded finding type, category and type modifier) and classes (code, head).
     settings : aenode.config.ResultsSettings
         ``series_number_base`` (+3), ``series_description``, ``manufacturer``.
     volumes_mm3 : Mapping[str, float]

@@ -3,7 +3,8 @@ refusals, the shipped weights against their card and their training predictions,
 per-scan aggregation.
 
 Real data: ``../shared/data/cq500-ct0`` (16 consecutive 0.625 mm slices of CQ500-CT-0, the
-101st to 116th from the bottom) and ``../shared/data/head-ct-kitamura`` (the first PNGs of ``labels.csv``).
+101st to 116th from the bottom) and ``../shared/data/head-ct-kitamura`` (the first and last
+six PNGs of ``labels.csv``).
 """
 
 from __future__ import annotations

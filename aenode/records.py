@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
     from pydicom import Dataset
 
+    from aenode.tilt import GeometryCorrection
+
 __all__ = ["Finding", "FindingCode", "Job", "Prediction", "SeriesInfo", "Volume"]
 
 
@@ -91,11 +93,15 @@ class Volume:
     datasets : list of pydicom.Dataset
         The source instances' headers in slice order (Pixel Data dropped), one per slice
         (or one multi-frame object), for result objects to reference.
+    correction : GeometryCorrection or None
+        Set when gantry tilt was resampled away or a missing slice interpolated; the image
+        then is not the acquired grid (``datasets`` lists only the acquired slices).
     """
 
     image: sitk.Image
     series: SeriesInfo
     datasets: list[Dataset] = field(default_factory=list)
+    correction: GeometryCorrection | None = None
 
 
 @dataclass(frozen=True)

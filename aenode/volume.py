@@ -12,7 +12,9 @@ slices; non-uniform spacing beyond ``spacing_tolerance``.
 Gantry tilt, gaps and non-uniform spacing can be waived one by one with ``allow=``; the volume
 is then built the way ITK's ``ImageSeriesReader`` builds it (origin at the first slice, the
 orientation's normal as third axis, the mean distance between slices as spacing), which is an
-approximation, and a warning names what was waived.
+approximation, and a warning names what was waived. With ``correct=`` instead, gantry tilt is
+corrected by resampling onto an orthogonal grid and a single missing slice is interpolated
+(:mod:`aenode.tilt`); the volume then carries the record of what was done.
 
 Pixels: the modality LUT (``RescaleSlope``/``RescaleIntercept``, per frame for enhanced
 objects) is applied; the output is int16 when that is exact, float32 otherwise. Compressed
@@ -50,6 +52,7 @@ from pydicom.uid import (
 from aenode.dicomread import read_float, read_int, read_text, read_value, why_unreadable
 from aenode.errors import InputError
 from aenode.records import SeriesInfo, Volume
+from aenode.tilt import CORRECTABLE, StackError, correct_stack
 
 __all__ = ["VolumeError", "build_volume", "build_volume_from_files", "read_headers"]
 
@@ -511,10 +514,15 @@ def read_headers(paths: Sequence[Path]) -> list[tuple[Path, Dataset]]:
     return out
 
 
-def _check_allow(allow: Collection[str]) -> None:
+def _check_allow(allow: Collection[str], correct: Collection[str] = ()) -> None:
     unknown = set(allow) - _WAIVABLE
     if unknown:
         raise ValueError(f"allow: unknown check(s) {sorted(unknown)}; use {sorted(_WAIVABLE)}")
+    unknown = set(correct) - CORRECTABLE
+    if unknown:
+        raise ValueError(
+            f"correct: unknown correction(s) {sorted(unknown)}; use {sorted(CORRECTABLE)}"
+        )
 
 
 def build_volume(
@@ -523,6 +531,7 @@ def build_volume(
     spacing_tolerance: float = 0.01,
     allow: Collection[str] = (),
     decoder: Literal["auto", "pydicom"] = "auto",
+    correct: Collection[str] = (),
 ) -> Volume:
     """Build the geometry-checked volume of one series.
 
@@ -539,22 +548,27 @@ def build_volume(
     decoder : {"auto", "pydicom"}
         ``auto`` decodes JPEG Lossless with GDCM (through SimpleITK, about twice as fast
         as pylibjpeg) and falls back to pydicom; ``pydicom`` uses pydicom's plugins only.
+    correct : collection of str
+        Problems to correct instead of rejecting (takes precedence over ``allow``):
+        ``"tilt"`` resamples a gantry-tilted stack onto an orthogonal grid, ``"gaps"``
+        interpolates a single missing slice (more stay a rejection), see :mod:`aenode.tilt`.
 
     Returns
     -------
     Volume
         int16 or float32 voxels after the modality LUT, origin/spacing/direction in LPS,
-        and the headers (without Pixel Data) in slice order.
+        and the headers (without Pixel Data) in slice order; ``correction`` records a
+        correction when one was applied.
 
     Raises
     ------
     VolumeError
         If the series is not one regular stack; the message names the tag and the files.
     """
-    _check_allow(allow)
+    _check_allow(allow, correct)
     if not series.files:
         raise VolumeError(f"series {series.series_uid}: no files")
-    return _build(series, read_headers(series.files), spacing_tolerance, allow, decoder)
+    return _build(series, read_headers(series.files), spacing_tolerance, allow, decoder, correct)
 
 
 def _build(
@@ -563,6 +577,7 @@ def _build(
     spacing_tolerance: float,
     allow: Collection[str],
     decoder: str,
+    correct: Collection[str] = (),
 ) -> Volume:
     extra = {"study": series.study_uid, "series": series.series_uid}
     frames: list[_Frame] = []
@@ -579,10 +594,19 @@ def _build(
     normal = np.cross(row, col)
     frames.sort(key=lambda f: float(np.dot(normal, f.position)))
     problems, step = _check_positions(frames, normal, np.stack([row, col]), spacing_tolerance)
-    rejected = [p.split(": ", 1)[1] for p in problems if p.split(":", 1)[0] not in allow]
+    kinds = {p.split(":", 1)[0] for p in problems}
+    corrected = kinds & set(correct)
+    rejected = [
+        p.split(": ", 1)[1] for p in problems if p.split(":", 1)[0] not in set(allow) | corrected
+    ]
     if rejected:
         raise VolumeError("; ".join(rejected))
-    for p in problems:
+    if corrected and kinds - corrected:
+        raise VolumeError(
+            f"{', '.join(sorted(kinds - corrected))} waived and {', '.join(sorted(corrected))} "
+            "corrected in one series: correct both or waive both"
+        )
+    for p in problems if not corrected else ():
         log.warning("volume built despite: %s", p.split(": ", 1)[1], extra=extra)
     if len(frames) == 1:
         ds = frames[0].header
@@ -599,9 +623,28 @@ def _build(
     for k, frame in enumerate(frames):
         filler.put(k, *_decoded(frame, decoder))
     image = filler.image
-    image.SetOrigin([float(v) for v in frames[0].position])
-    image.SetSpacing([frames[0].spacing[1], frames[0].spacing[0], z_spacing])
-    image.SetDirection([float(v) for v in np.stack([row, col, normal], axis=1).ravel()])
+    correction = None
+    if corrected:
+        tilt = frames[0].header.get("GantryDetectorTilt")
+        try:
+            image, correction = correct_stack(
+                sitk.GetArrayViewFromImage(filler.image),
+                np.stack([f.position for f in frames]),
+                iop,
+                frames[0].spacing,
+                gantry_tilt=float(tilt) if tilt not in (None, "") else None,
+                correct=corrected,
+                names=[f.name for f in frames],
+                spacing_tolerance=spacing_tolerance,
+            )
+        except StackError as exc:
+            raise VolumeError(str(exc)) from exc
+        del filler
+        log.info("volume corrected: %s", correction.describe(), extra=extra)
+    else:
+        image.SetOrigin([float(v) for v in frames[0].position])
+        image.SetSpacing([frames[0].spacing[1], frames[0].spacing[0], z_spacing])
+        image.SetDirection([float(v) for v in np.stack([row, col, normal], axis=1).ravel()])
     datasets: list[Dataset] = []
     seen: set[int] = set()
     for frame in frames:
@@ -617,7 +660,7 @@ def _build(
         len(frames),
         extra=extra,
     )
-    return Volume(image=image, series=series, datasets=datasets)
+    return Volume(image=image, series=series, datasets=datasets, correction=correction)
 
 
 def build_volume_from_files(
@@ -626,6 +669,7 @@ def build_volume_from_files(
     spacing_tolerance: float = 0.01,
     allow: Collection[str] = (),
     decoder: Literal["auto", "pydicom"] = "auto",
+    correct: Collection[str] = (),
 ) -> Volume:
     """Build a volume from files of one series, making its :class:`SeriesInfo` from the headers.
 
@@ -633,7 +677,7 @@ def build_volume_from_files(
     ----------
     paths : sequence of pathlib.Path
         Part 10 files of one series.
-    spacing_tolerance, allow, decoder
+    spacing_tolerance, allow, decoder, correct
         As for :func:`build_volume`.
 
     Returns
@@ -645,7 +689,7 @@ def build_volume_from_files(
     VolumeError
         If the files belong to several series or do not make one regular volume.
     """
-    _check_allow(allow)
+    _check_allow(allow, correct)
     if not paths:
         raise VolumeError("no files given")
     headers = read_headers(paths)
@@ -661,4 +705,4 @@ def build_volume_from_files(
         description=read_text(first, "SeriesDescription"),
         files=tuple(Path(p) for p in paths),
     )
-    return _build(info, headers, spacing_tolerance, allow, decoder)
+    return _build(info, headers, spacing_tolerance, allow, decoder, correct)

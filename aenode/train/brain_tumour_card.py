@@ -339,6 +339,10 @@ def _card(
             "slower per step; a larger net would have had fewer epochs in the CPU budget.",
             "command": ".venv/bin/python scripts/train_brain_tumour.py --minutes 36 "
             "--threads 1 --seed 0",
+            "launched_as": "the shipped run called aenode.train.train('brain-tumour', "
+            "data, out, minutes=36.0, epochs=None, device='cpu', seed=0) after "
+            "torch.set_num_threads(1) (what the command does), then scripts/"
+            "train_brain_tumour.py --export-only; CPU shared with other jobs (2 cores)",
             "loop": "aenode.train.loop.run via aenode.train.train('brain-tumour', ...)",
             "loss": "Dice + binary cross-entropy (MONAI DiceCELoss, sigmoid, batch Dice)",
             "optimizer": f"AdamW lr {RECIPE.lr} wd {RECIPE.weight_decay}, linear warm-up "

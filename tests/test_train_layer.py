@@ -266,3 +266,20 @@ def test_shipped_model_on_the_study1_flair_series(
     zs, ys, xs = np.nonzero(seg.mask)
     assert xs.mean() > volume.shape[2] / 2 and ys.mean() < volume.shape[1] / 2  # one frontal side
     assert seg.slice_scores.max() > 0.9 and (seg.slice_scores >= 0.5).sum() < volume.shape[0]
+
+
+def test_hippocampus_recipe_runs_in_the_loop(data_dir: Path, tmp_path: Path) -> None:
+    from aenode.train.hippocampus import PAD_TO, TRAIN_CROP, case_names
+
+    hip = recipe("hippocampus")
+    names = case_names(data_dir / "msd-hippocampus")
+    small = dataclasses.replace(hip, split=lambda data, seed: (names[:4], names[4:6]))
+    x, y = next(iter(small.loader(data_dir / "msd-hippocampus", names[:4], 0)))
+    assert tuple(x.shape) == (4, 1, *reversed(TRAIN_CROP)) and x.dtype == torch.float32
+    assert tuple(y.shape) == (4, 1, *reversed(TRAIN_CROP)) and set(y.unique().tolist()) <= {0, 1, 2}
+    assert max(PAD_TO) == 64
+    report = run(
+        small, data_dir / "msd-hippocampus", tmp_path, epochs=1, device="cpu", progress=False
+    )
+    (line,) = read_log(report.log_path)
+    assert {"anterior", "posterior", "metric"} <= set(line) and 0.0 <= line["metric"] <= 1.0

@@ -36,8 +36,8 @@ test: install lint
 	$(VENV)/bin/pytest -q
 
 lint:
-	$(VENV)/bin/ruff check aenode tests scripts bench
-	$(VENV)/bin/ruff format --check aenode tests scripts bench
+	$(VENV)/bin/ruff check aenode tests scripts bench models
+	$(VENV)/bin/ruff format --check aenode tests scripts bench models
 	$(VENV)/bin/mypy
 
 ## bench: throughput and latency against reference runs in the same command.

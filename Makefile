@@ -36,8 +36,8 @@ test: install lint
 	$(VENV)/bin/pytest -q
 
 lint:
-	$(VENV)/bin/ruff check aenode tests scripts bench stress
-	$(VENV)/bin/ruff format --check aenode tests scripts bench stress
+	$(VENV)/bin/ruff check aenode tests scripts bench stress models
+	$(VENV)/bin/ruff format --check aenode tests scripts bench stress models
 	$(VENV)/bin/mypy
 
 ## stress: the long attack suite (fuzz 10,000, PDU abuse, 16x3 senders, kill -9 at each stage).

@@ -37,7 +37,7 @@ class Receivers:
         self.log = tmp / "receivers.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> Receivers:
+    def start(self, timeout: float = 120.0) -> Receivers:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "tests" / "receiver_only.py"), str(self.config)],

@@ -56,7 +56,7 @@ class NodeProcess:
         self.log = tmp / "aenode.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> NodeProcess:
+    def start(self, timeout: float = 120.0) -> NodeProcess:
         offset = len(self.log_text())
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

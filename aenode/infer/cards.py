@@ -289,6 +289,9 @@ class ModelCard(_Card):
     task: Literal["segmentation", "classification"]
     description: str
     intended_use: str
+    limits: list[str] = Field(
+        default_factory=list, description="what the model cannot do or claim, one line each"
+    )
     algorithm_family: Code | None = None
     inputs: InputSpec
     outputs: OutputSpec

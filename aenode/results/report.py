@@ -139,14 +139,19 @@ def _finding_lines(prediction: Prediction, card: ModelCard) -> list[str]:
     lines = []
     for f in findings:
         verdict = "present" if f.present else "absent"
+        if f.threshold is None and f.probability in (0.0, 1.0):  # a rule's yes/no
+            lines.append(f"{f.name}: {verdict}")
+            continue
         rule = f", threshold {f.threshold:.2f}" if f.threshold is not None else ""
         lines.append(f"{f.name}: p = {f.probability:.3f} ({verdict}{rule})")
     return lines
 
 
-def _measurement_lines(prediction: Prediction) -> list[str]:
+def _measurement_lines(prediction: Prediction, skip: set[str]) -> list[str]:
     lines = []
     for m in prediction.measurements:
+        if m.probability and m.name in skip:
+            continue
         if m.probability:
             lines.append(f"{m.name}: p = {m.value:.3f}")
         else:
@@ -305,7 +310,7 @@ def render_page(
             font=body,
         )
         y += 26
-    if card.outputs.labels:
+    if len(card.outputs.labels) > 1:
         total = sum(volumes_mm3.get(s.name, 0.0) for s in card.outputs.labels)
         draw.text(
             (54, y),
@@ -314,7 +319,8 @@ def render_page(
             fill=(0, 0, 0),
         )
         y += 26
-    for line in _finding_lines(prediction, card) + _measurement_lines(prediction):
+    shown = {f.name for f in findings_of(prediction, card)}  # not twice: finding, measurement
+    for line in _finding_lines(prediction, card) + _measurement_lines(prediction, shown):
         draw.text((54, y), line[:110], fill=(0, 0, 0), font=body)
         y += 26
 

@@ -86,7 +86,8 @@ TRANSITIONS: Mapping[type[StrEnum], Mapping[StrEnum, frozenset[StrEnum]]] = {
         S.REJECTED: frozenset(),
     },
     JobState: {
-        J.QUEUED: frozenset({J.RUNNING}),
+        # QUEUED -> REJECTED: a study rule's required role never came (recorded, never run).
+        J.QUEUED: frozenset({J.RUNNING, J.REJECTED}),
         # RUNNING -> QUEUED and INFERRED -> QUEUED: a restart resumes a half-done job.
         J.RUNNING: frozenset({J.INFERRED, J.REJECTED, J.FAILED, J.QUEUED}),
         J.INFERRED: frozenset({J.EXPORTING, J.DONE, J.FAILED, J.QUEUED}),

@@ -44,8 +44,9 @@ def _load(package: Path) -> Registry:
 
 
 def test_shipped_package_loads() -> None:
-    registry = Registry.load(ModelsSettings(path=ROOT / "models"))
+    registry = Registry.load(ModelsSettings(path=ROOT / "models", enabled=["hippocampus"]))
     assert registry.names() == ["hippocampus"]
+    assert "stroke-mismatch" in Registry.load(ModelsSettings(path=ROOT / "models")).names()
     card = registry.card("hippocampus")
     assert card.task == "segmentation"
     assert [label.value for label in card.outputs.labels] == [1, 2]

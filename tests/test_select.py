@@ -8,6 +8,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 from isles import write_isles_study
 from pydicom.dataset import Dataset
 
@@ -141,10 +142,27 @@ def test_invalid_rule_stops_settings_load(tmp_path: Path) -> None:
 
 def test_default_config_rule() -> None:
     settings = load_settings(ROOT / "config.yaml", environ={})
-    rules = compile_rules(settings.selection.rules, known_models=["hippocampus"])
-    assert [(r.name, r.models, r.is_study) for r in rules] == [
-        ("hippocampus", ("hippocampus",), False)
+    shipped = sorted(p.parent.name for p in (ROOT / "models").glob("*/model.yaml"))
+    rules = compile_rules(settings.selection.rules, known_models=shipped)
+    assert (rules[0].name, rules[0].models, rules[0].is_study) == (
+        "hippocampus",
+        ("hippocampus",),
+        False,
+    )
+    stroke = next(r for r in rules if r.name == "stroke-mismatch")
+    assert (stroke.models, list(stroke.roles)) == (("stroke-mismatch",), ["dwi", "adc", "flair"])
+
+
+def _hippo_config(tmp_path: Path) -> Path:
+    """config.yaml with only its hippocampus rule: the tester's output on the udacity data
+    stays the same when other models' rules are added to the default configuration."""
+    data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    data["selection"]["rules"] = [
+        r for r in data["selection"]["rules"] if r["name"] == "hippocampus"
     ]
+    path = tmp_path / "hippo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 # -- evaluation --------------------------------------------------------------------------
@@ -296,18 +314,21 @@ series ...964504488079  MR  'T2_reg'  24 instances
 10 series, 2 matched, 1 rule"""
 
 
-def test_tester_output_on_udacity(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--config", str(ROOT / "config.yaml"), "select", str(data_dir / "udacity-mr")])
+def test_tester_output_on_udacity(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = _hippo_config(tmp_path)
+    code = main(["--config", str(config), "select", str(data_dir / "udacity-mr")])
     assert code == 0
     out = capsys.readouterr().out
     assert out.rstrip("\n").splitlines() == EXPECTED_UDACITY.splitlines()
 
 
-def test_tester_json(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tester_json(data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code = main(
         [
             "--config",
-            str(ROOT / "config.yaml"),
+            str(_hippo_config(tmp_path)),
             "select",
             str(data_dir / "udacity-mr" / "Study2"),
             str(data_dir / "dcm-qa-ts" / "1.dcm"),
@@ -343,8 +364,10 @@ def test_tester_with_bad_rule_exits_2(
 
 
 def test_tester_no_dicom(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "notes.txt").write_text("hello")
-    assert main(["--config", str(ROOT / "config.yaml"), "select", str(tmp_path)]) == 1
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("hello")
+    config = _hippo_config(tmp_path)
+    assert main(["--config", str(config), "select", str(tmp_path / "in")]) == 1
     captured = capsys.readouterr()
     assert "0 series, 0 matched, 1 rule, 1 file(s) skipped" in captured.out
     assert "notes.txt: not DICOM" in captured.err

@@ -59,7 +59,7 @@ def expert(data_dir: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def baseline(volumes: dict[str, sitk.Image]) -> Prediction:
-    result: Prediction = mm.predict(volumes)
+    result: Prediction = mm.analyse(volumes)
     return result
 
 
@@ -162,17 +162,17 @@ def test_implausible_adc_is_refused(
 ) -> None:
     bad = dict(volumes, adc=sitk.Cast(volumes["adc"], sitk.sitkFloat32) * scale)
     with pytest.raises(mm.MismatchError, match=r"^ADC series 1\.2\.3: median ADC in the brain"):
-        mm.predict(bad, series={"adc": "1.2.3"})
+        mm.analyse(bad, series={"adc": "1.2.3"})
 
 
 def test_missing_or_unusable_roles_are_named(volumes: dict[str, sitk.Image]) -> None:
     without = {k: v for k, v in volumes.items() if k != "flair"}
     with pytest.raises(mm.MismatchError, match="^FLAIR: missing"):
-        mm.predict(without)
+        mm.analyse(without)
     flat = sitk.Image(volumes["dwi"].GetSize(), sitk.sitkFloat32)
     flat.CopyInformation(volumes["dwi"])
     with pytest.raises(mm.MismatchError, match="^DWI series s1: the image is constant"):
-        mm.predict(dict(volumes, dwi=flat), series={"dwi": "s1"})
+        mm.analyse(dict(volumes, dwi=flat), series={"dwi": "s1"})
 
 
 def test_probability_is_bounded_monotone_and_deterministic(
@@ -195,7 +195,7 @@ def test_probability_is_bounded_monotone_and_deterministic(
     assert rsi > 1.3 and p < 0.2 and results["mismatch"] is False
     # deterministic: the same inputs give the same labels and results; floats to 1e-6 (rad,
     # mm, MI): the last bits of the optimiser's path differ from run to run (seen: 4e-9 rad)
-    again_labels, again = mm.predict(volumes)
+    again_labels, again = mm.analyse(volumes)
     assert again.keys() == results.keys()
     for key, value in results.items():
         if key == "seconds":
@@ -218,7 +218,7 @@ def test_dicom_study_gives_the_same_core(
 ) -> None:
     _, files = write_isles_study(tmp_path, data_dir)
     volumes = {role: build_volume_from_files(paths).image for role, paths in files.items()}
-    labels, results = mm.predict(volumes)
+    labels, results = mm.analyse(volumes)
     _, reference = baseline
     assert results["adc_unit"] == "1e-6 mm2/s"  # the script stores ADC as vendors do
     assert results["core_ml"] == pytest.approx(reference["core_ml"], rel=0.05)
@@ -230,13 +230,14 @@ def test_dicom_study_gives_the_same_core(
     assert _dice(ours, theirs) > 0.95
 
 
-def test_draft_card_matches_the_source(volumes: dict[str, sitk.Image]) -> None:
-    card = yaml.safe_load((PACKAGE / "card-draft.yaml").read_text())
+def test_card_matches_the_source(volumes: dict[str, sitk.Image]) -> None:
+    card = yaml.safe_load((PACKAGE / "model.yaml").read_text())
     runtime = card["runtime"]
     assert runtime["format"] == "python"
-    source = PACKAGE / runtime["entry_point"]["module"]
+    file, function = runtime["entry_point"].split(":")
+    source = PACKAGE / file
     assert hashlib.sha256(source.read_bytes()).hexdigest() == runtime["sha256"]
-    assert callable(getattr(mm, runtime["entry_point"]["function"]))
+    assert callable(getattr(mm, function))
     assert mm.Parameters.from_mapping(runtime["parameters"]) == mm.Parameters()
     assert [r["name"] for r in card["inputs"]["roles"]] == list(mm.ROLES)
     assert all(r["required"] for r in card["inputs"]["roles"])

@@ -170,7 +170,13 @@ def test_timeout_records_missing_required_role(
         "missing",
         "model stroke: required role(s) flair missing after 120 s",
     )
-    assert tracker.store.execute("SELECT COUNT(*) AS n FROM jobs")[0]["n"] == 0
+    # the first role (dwi) is there: the job is recorded as rejected, the role named
+    (row,) = tracker.store.execute("SELECT state, reason, inputs FROM jobs")
+    assert row["state"] == "rejected"
+    assert row["reason"].startswith(f"no FLAIR series in study {study_uid} (rule stroke:")
+    assert sorted(json.loads(row["inputs"])) == ["adc", "dwi"]
+    assert tracker.due(T0 + 999) == []  # decided once
+    assert tracker.store.execute("SELECT COUNT(*) AS n FROM jobs")[0]["n"] == 1
     # the late series still completes the study
     jobs = tracker.on_series(*_series(files["flair"]), now=T0 + 500)
     assert [sorted(j.inputs) for j in jobs] == [["adc", "dwi", "flair"]]

@@ -5,7 +5,11 @@ of the same study; then one job per model starts. If the roles are not all fille
 ``study_timeout_seconds`` after the study's last role match, :meth:`StudyTracker.due` decides
 per model from its card (``inputs.roles[i].required``): a model runs with the roles present
 when every missing role is optional, otherwise the study records which role was missing
-(state ``missing`` with the reason; a late series of that role still starts it).
+(state ``missing`` with the reason; a late series of that role still starts it). When the
+rule's first role (its reference series, e.g. the DWI of a stroke rule) is there, the
+model's job is also recorded as ``rejected`` with the missing role named (``no FLAIR series
+in study ...``), so that ``aenode status`` shows it; a study without the first role (a brain
+study whose FLAIR matched a stroke rule's role) is not one for that model and gets no job.
 
 This module owns the store's tables ``select_roles`` and ``select_studies`` (their schema is
 in :mod:`aenode.store`); every job is recorded through :func:`aenode.jobs.record_job` in the
@@ -27,10 +31,10 @@ import pydicom
 from pydicom import Dataset
 
 from aenode.assemble import note_series
-from aenode.jobs import job_from_row, record_job, series_from_json, series_to_json
+from aenode.jobs import job_from_row, move, record_job, series_from_json, series_to_json
 from aenode.records import Job, SeriesInfo
 from aenode.select.rules import Rule, evaluate, match_series
-from aenode.states import StudyRuleState, transition
+from aenode.states import JobState, StudyRuleState, transition
 from aenode.store import Store
 
 if TYPE_CHECKING:
@@ -323,6 +327,7 @@ class StudyTracker:
                 absent = [r for r in rule.roles if r not in present]
                 reasons = []
                 started = False
+                anchored = next(iter(rule.roles)) in present
                 for model in rule.models:
                     needs = self.role_requirements.get(model, {})
                     required = [r for r in absent if needs.get(r, True)]
@@ -331,6 +336,8 @@ class StudyTracker:
                             f"model {model}: required role(s) {', '.join(required)} missing "
                             f"after {self.timeout:g} s"
                         )
+                        if anchored:
+                            self._reject(conn, rule, model, study, present, required, now)
                         continue
                     started = True
                     job = self._record(conn, rule, model, study, present, now)
@@ -340,8 +347,36 @@ class StudyTracker:
                 state = StudyRuleState.STARTED if started else StudyRuleState.MISSING
                 _move(conn, rule.name, study, state, reason)
                 if reason:
-                    log.warning("rule %s: %s", rule.name, reason, extra={"study": study})
+                    level = logging.WARNING if anchored else logging.INFO
+                    log.log(level, "rule %s: %s", rule.name, reason, extra={"study": study})
         return jobs
+
+    def _reject(
+        self,
+        conn: sqlite3.Connection,
+        rule: Rule,
+        model: str,
+        study_uid: str,
+        present: dict[str, SeriesInfo],
+        missing: list[str],
+        now: float,
+    ) -> None:
+        """Record the job a missing required role prevents, as ``rejected`` with the reason."""
+        job = record_job(conn, rule.name, model, study_uid, present, now)
+        if job is None or job.id is None:
+            return
+        roles = ", ".join(r.upper() for r in missing)
+        reason = (
+            f"no {roles} series in study {study_uid} (rule {rule.name}: required role(s) "
+            f"{', '.join(missing)} not matched within {self.timeout:g} s of the last match)"
+        )
+        move(conn, job.id, JobState.REJECTED, reason=reason)
+        log.warning(
+            "job %s: rejected: %s",
+            job.id,
+            reason,
+            extra={"study": study_uid, "model": model, "job": job.id},
+        )
 
     def study_state(self, rule: str, study_uid: str) -> tuple[StudyRuleState, str | None] | None:
         """The state (``waiting``, ``started``, ``missing``) and reason of a study rule.

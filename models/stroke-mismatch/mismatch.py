@@ -1,7 +1,11 @@
 """stroke-mismatch: infarct core and DWI-FLAIR mismatch from DWI, ADC and FLAIR (no learning).
 
-The entry point is :func:`predict`. It takes the three role volumes as SimpleITK images in
-LPS (as :func:`aenode.volume.build_volume` builds them from DICOM, or read from NIfTI) and
+The node's entry point (``runtime.format: python``, ``entry_point: mismatch.py:predict``) is
+:func:`predict`: ``predict(volumes, state, card)`` with the role volumes as
+:class:`aenode.records.Volume`, the :class:`Parameters` that :func:`load` made from the
+card's ``runtime.parameters``, and the card; it returns an :class:`aenode.records.Prediction`.
+The pipeline itself is :func:`analyse`: it takes the three role volumes as SimpleITK images
+in LPS (as :func:`aenode.volume.build_volume` builds them from DICOM, or read from NIfTI) and
 returns a label map on the DWI grid (uint8, 1 = infarct core) and a dict of results.
 
 Steps, each a pure function of its inputs:
@@ -28,10 +32,20 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
+
+from aenode.errors import InputError
+from aenode.records import Finding, FindingCode, Measurement, Prediction
+
+if TYPE_CHECKING:
+    import torch
+
+    from aenode.infer.cards import ModelCard
+    from aenode.records import Volume
 
 __all__ = [
     "ROLES",
@@ -39,8 +53,10 @@ __all__ = [
     "Parameters",
     "Registration",
     "adc_scale",
+    "analyse",
     "brain_mask",
     "infarct_core",
+    "load",
     "mirror_transform",
     "onset_probability",
     "predict",
@@ -52,7 +68,7 @@ ROLES = ("dwi", "adc", "flair")
 _GRID_TOL = 1e-3  # mm / direction cosine: the tolerance for "the same grid"
 
 
-class MismatchError(ValueError):
+class MismatchError(InputError, ValueError):
     """An input this model cannot use; the message names the role (and series) and why.
 
     Parameters
@@ -549,12 +565,15 @@ def _check_inputs(
     return out
 
 
-def predict(
+def analyse(
     volumes: Mapping[str, sitk.Image],
     params: Parameters | None = None,
     series: Mapping[str, str] | None = None,
 ) -> tuple[sitk.Image, dict[str, Any]]:
     """Infarct core and DWI-FLAIR mismatch of one study.
+
+    The pipeline of :func:`predict`, on plain images; see :func:`_analyse` for the images it
+    also makes for the report page.
 
     Parameters
     ----------
@@ -583,6 +602,16 @@ def predict(
     MismatchError
         A missing or unusable role, ADC in implausible units, a registration that fails.
     """
+    core, results, _ = _analyse(volumes, params, series)
+    return core, results
+
+
+def _analyse(
+    volumes: Mapping[str, sitk.Image],
+    params: Parameters | None,
+    series: Mapping[str, str] | None,
+) -> tuple[sitk.Image, dict[str, Any], dict[str, sitk.Image]]:
+    """:func:`analyse`, plus ADC and the registered FLAIR on the DWI grid (for display)."""
     t0 = time.perf_counter()
     p = params or Parameters()
     names = dict(series or {})
@@ -630,4 +659,125 @@ def predict(
         "parameters": asdict(p),
         "seconds": time.perf_counter() - t0,
     }
-    return core, results
+    return core, results, {"adc": adc_um2, "flair": reg.flair}
+
+
+# -- the node's entry point (runtime.format: python) -------------------------------------
+
+
+def load(package: Path, card: ModelCard, device: torch.device) -> Parameters:
+    """The state kept warm between jobs: the card's parameters, checked once.
+
+    Parameters
+    ----------
+    package : pathlib.Path
+        The package folder (unused: nothing to read besides the card).
+    card : aenode.infer.cards.ModelCard
+        ``runtime.parameters`` become :class:`Parameters`.
+    device : torch.device
+        Unused: the pipeline runs on the CPU (SimpleITK).
+
+    Returns
+    -------
+    Parameters
+
+    Raises
+    ------
+    ValueError
+        A parameter that is not one of :class:`Parameters` (the node then refuses to start).
+    """
+    return Parameters.from_mapping(card.runtime.parameters)
+
+
+def _code(card: ModelCard, name: str) -> FindingCode | None:
+    for spec in card.outputs.classes:
+        if spec.name == name and spec.code is not None:
+            return FindingCode(spec.code.value, spec.code.scheme, spec.code.meaning)
+    return None
+
+
+def _key_slices(core: sitk.Image, limit: int = 2) -> list[int]:
+    """The slices (k) with the largest core area, at most ``limit``, in ascending order."""
+    areas = sitk.GetArrayViewFromImage(core).sum(axis=(1, 2))
+    if not areas.any():
+        return []
+    order = [int(k) for k in np.argsort(-areas, kind="stable")[:limit] if areas[k] > 0]
+    return sorted(order)
+
+
+MISMATCH = "DWI-FLAIR mismatch"
+ONSET = "Onset < 4.5 h"
+
+
+def predict(volumes: Mapping[str, Volume], state: Parameters, card: ModelCard) -> Prediction:
+    """The node's entry point: :func:`analyse` on the role volumes, as a Prediction.
+
+    Parameters
+    ----------
+    volumes : Mapping of str to aenode.records.Volume
+        ``dwi``, ``adc`` and ``flair``.
+    state : Parameters
+        From :func:`load`.
+    card : aenode.infer.cards.ModelCard
+        Identity, and the codes of the classes ``DWI-FLAIR mismatch`` and ``Onset < 4.5 h``.
+
+    Returns
+    -------
+    aenode.records.Prediction
+        ``labels``: the core on the DWI grid; ``measurements``: core volume (mL), rSI and
+        P(onset < 4.5 h) (the latter two when there is a core with a usable mirror region);
+        ``findings``: the DWI-FLAIR mismatch (a rule, rSI < ``mismatch_rsi_below``: its
+        probability is 1 or 0) and onset < 4.5 h (P >= the class threshold); the two slices
+        of largest core area as ``key_slices``; ADC and the registered FLAIR on the DWI grid
+        as ``extra["display_images"]``; the registration residual and ADC unit as notes.
+
+    Raises
+    ------
+    MismatchError
+        A missing or unusable role, ADC in implausible units, a failed registration.
+    """
+    images = {role: v.image for role, v in volumes.items()}
+    series = {role: v.series.series_uid for role, v in volumes.items()}
+    core, r, shown = _analyse(images, state, series)
+    measurements = [Measurement("Infarct core volume", round(r["core_ml"], 4), "ml")]
+    findings = []
+    notes = [
+        f"ADC read as {r['adc_unit']}; infarct core: ADC < {state.adc_core_below:g}e-6 mm2/s "
+        "in DWI-hyperintense brain",
+        f"FLAIR registered to DWI: Mattes MI {r['registration_metric_start']:.3f} -> "
+        f"{r['registration_metric_final']:.3f}, head-mask Dice "
+        f"{r['registration_head_dice']:.3f}, {r['registration_rotation_deg']:.1f} deg / "
+        f"{r['registration_translation_mm']:.1f} mm",
+    ]
+    if r["rsi"] is not None:
+        p = float(r["p_onset_lt_4_5h"])
+        measurements += [
+            Measurement("Relative FLAIR signal of the core", round(r["rsi"], 4), "{ratio}"),
+            Measurement("Onset < 4.5 h", p, "1", code=_code(card, ONSET), probability=True),
+        ]
+        threshold = next((c.threshold for c in card.outputs.classes if c.name == ONSET), 0.5)
+        mismatch = bool(r["mismatch"])
+        findings = [
+            Finding(MISMATCH, 1.0 if mismatch else 0.0, mismatch, None, _code(card, MISMATCH)),
+            Finding(ONSET, p, p >= threshold, threshold, _code(card, ONSET)),
+        ]
+        notes.append(
+            "P(onset < 4.5 h) is a surrogate from the DWI-FLAIR mismatch (fixed logistic of "
+            "rSI, not fitted to onset times); research use only"
+        )
+    elif r["core_ml"] > 0:
+        notes.append("no rSI: too little contralateral reference tissue for the core")
+    else:
+        notes.append("no infarct core found: no rSI, no probability")
+    return Prediction(
+        model=card.name,
+        version=card.version,
+        task=card.task,
+        labels=core,
+        findings=findings,
+        reference_role="dwi",
+        measurements=measurements,
+        key_slices=_key_slices(core),
+        notes=notes,
+        extra={"display_images": {"ADC": shown["adc"], "FLAIR registered": shown["flair"]}},
+    )

@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from aenode.assemble import record_association_end
 from aenode.config import PeerSettings, Settings
+from aenode.health import RefusalCheck
 from aenode.receive.check import check_structure, failure_status
 from aenode.receive.guard import (
     LISTEN_BACKLOG,
@@ -136,6 +137,7 @@ class Receiver:
     store: Store
     spool: Spool
     slots: AssociationSlots | None = None
+    refusal: RefusalCheck | None = None
     _assocs: dict[int, _AssocState] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -224,6 +226,12 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     state = receiver.state(event)
     ctx: dict[str, Any] = {"peer_ae": state.calling_ae, "assoc": state.assoc_id}
     request = cast(C_STORE, event.request)
+    refused = receiver.refusal.reason() if receiver.refusal is not None else None
+    if refused is not None:
+        # Data the node would never process is not accepted (aenode.health).
+        ctx["sop_uid"] = str(request.AffectedSOPInstanceUID)
+        log.error("C-STORE refused (0xA700): node cannot process: %s", refused, extra=ctx)
+        return failure_status(STATUS_OUT_OF_RESOURCES, f"cannot process: {refused}")
     try:
         stream = cast(BytesIO, request.DataSet).getvalue()
         ts = str(event.context.transfer_syntax)
@@ -371,7 +379,13 @@ def serve_receiver(
     store = Store(root / "aenode.db")
     if slots is None:
         slots = AssociationSlots(settings.node.max_associations, [0])
-    receiver = Receiver(settings=settings, store=store, spool=Spool(settings, store), slots=slots)
+    receiver = Receiver(
+        settings=settings,
+        store=store,
+        spool=Spool(settings, store),
+        slots=slots,
+        refusal=RefusalCheck(Path(settings.storage.path)),
+    )
     ae = build_ae(settings, receivers)
     handlers: list[EventHandlerType] = [
         (evt.EVT_REQUESTED, handle_requested, [receiver]),

@@ -35,10 +35,12 @@ from aenode.store import Store
 
 if TYPE_CHECKING:
     from aenode.infer.cards import ModelCard
+    from aenode.select.spec import RuleSpec
 
 __all__ = [
     "SERIES_ROLE",
     "StudyTracker",
+    "check_rule_roles",
     "job_from_row",
     "role_requirements",
     "series_from_json",
@@ -64,6 +66,61 @@ def role_requirements(cards: Mapping[str, ModelCard]) -> dict[str, dict[str, boo
     dict of str to dict of str to bool
     """
     return {name: {r.name: r.required for r in card.inputs.roles} for name, card in cards.items()}
+
+
+def check_rule_roles(rules: Sequence[RuleSpec], cards: Mapping[str, ModelCard]) -> None:
+    """Check that each rule gives each of its models the roles its card names.
+
+    A study rule's role names must be roles of every model's card, and every required
+    role of the card must be among them; a series rule gives one series as role
+    ``image``, so its models must take that role (and need no other).
+
+    Parameters
+    ----------
+    rules : sequence of RuleSpec
+        ``selection.rules``.
+    cards : mapping of str to ModelCard
+        The loaded cards; models not in it are left to the model-name check.
+
+    Raises
+    ------
+    aenode.config.ConfigError
+        Naming the key path, e.g. ``selection.rules[1].roles.flair: model 'stroke' has no
+        input role 'flair' (its card's inputs.roles: dwi, adc)``.
+    """
+    from aenode.config import ConfigError
+
+    errors = []
+    for i, rule in enumerate(rules):
+        for model in rule.models:
+            card = cards.get(model)
+            if card is None:
+                continue
+            names = [r.name for r in card.inputs.roles]
+            required = [r.name for r in card.inputs.roles if r.required]
+            shown = ", ".join(names)
+            if rule.roles is None:
+                if SERIES_ROLE not in names or set(required) - {SERIES_ROLE}:
+                    errors.append(
+                        f"selection.rules[{i}].series: a series rule gives model {model!r} "
+                        f"one series as role {SERIES_ROLE!r}, but its card's inputs.roles are "
+                        f"{shown}; write a study rule with roles: {shown}"
+                    )
+                continue
+            for role in rule.roles:
+                if role not in names:
+                    errors.append(
+                        f"selection.rules[{i}].roles.{role}: model {model!r} has no input role "
+                        f"{role!r} (its card's inputs.roles: {shown})"
+                    )
+            missing = [r for r in required if r not in rule.roles]
+            if missing:
+                errors.append(
+                    f"selection.rules[{i}].roles: model {model!r} requires role(s) "
+                    f"{', '.join(missing)} that the rule does not select"
+                )
+    if errors:
+        raise ConfigError("; ".join(errors))
 
 
 def _move(

@@ -67,7 +67,7 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if refusing:
         print(f"node refusing new C-STOREs (0xA700): {refusing}")
-    if not series:
+    if not series and not jobs:
         print("no series received yet")
         return 0
     print(

@@ -30,7 +30,12 @@ from aenode.jobs import JobRunner, requeue_interrupted
 from aenode.receive.spool import recover_spool
 from aenode.receive.workers import ReceiverPool
 from aenode.select.rules import compile_rules
-from aenode.select.studies import StudyTracker, check_rule_roles, role_requirements
+from aenode.select.studies import (
+    StudyTracker,
+    check_rule_roles,
+    role_requirements,
+    role_waits,
+)
 from aenode.store import Store
 from aenode.warmup import warm_up
 
@@ -129,6 +134,7 @@ class Node:
             rules,
             role_requirements(cards),
             timeout=settings.selection.study_timeout_seconds,
+            waits=role_waits(cards),
         )
         outbox = Outbox(store, settings.export, calling_ae)
         runner = JobRunner(settings, store, registry, runtime, outbox)

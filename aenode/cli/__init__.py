@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -148,6 +149,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         The process exit status: 0 success, 1 failure, 2 bad usage or configuration.
     """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a reader that left shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `aenode status | head`: the reader left; not an error of ours. Point stdout at
+        # devnull so that the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     config_path: Path | None = args.config

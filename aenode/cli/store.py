@@ -78,8 +78,11 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
         count = (
             f"{s['instance_count']}/{s['expected']}" if s["expected"] else str(s["instance_count"])
         )
+        state = s["state"]
+        if state == "complete" and (s["reason"] or "").startswith("not selected:"):
+            state = "unmatched"  # complete, but no rule selected it (the reason says why)
         print(
-            f"{_when(s['last_arrival']):19}  {s['state']:9}  {s['completed_by'] or '-':8}  "
+            f"{_when(s['last_arrival']):19}  {state:9}  {s['completed_by'] or '-':8}  "
             f"{count:>9}  {s['modality'] or '-':4}  {s['revision']:>3}  {s['series_uid']} "
             f"{s['description'] or ''}"
         )

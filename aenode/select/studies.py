@@ -273,13 +273,14 @@ class StudyTracker:
             unread = [
                 f"rule {rule.name}: {evaluate(rule, header, count).reason}" for rule in self.rules
             ]
+            # Say so where the operator looks (aenode status) and in the log, the first
+            # failing condition of each rule, as `aenode select` does.
+            reason = "not selected: " + ("; ".join(unread) or "no selection rules")
+            note_series(self.store, series.series_uid, series.revision, reason[:2000])
             if any("cannot be read" in r for r in unread):
-                # Say so where the operator looks: the series' reason and the log.
-                reason = "matches no rule; " + "; ".join(unread)
-                note_series(self.store, series.series_uid, series.revision, reason[:2000])
                 log.warning("series %s", reason, extra=extra)
             else:
-                log.info("series matches no rule", extra=extra)
+                log.info("series %s", reason, extra=extra)
             return []
         jobs: list[Job] = []
         with self.store.transaction() as conn:

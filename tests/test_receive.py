@@ -56,7 +56,8 @@ class NodeProcess:
         self.log = tmp / "aenode.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> NodeProcess:
+    def start(self, timeout: float = 90.0) -> NodeProcess:
+        # Start-up now includes the warm-up job of every model before the node listens.
         offset = len(self.log_text())
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

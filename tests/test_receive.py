@@ -74,6 +74,8 @@ class NodeProcess:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     return self
             time.sleep(0.1)
+        self.proc.kill()  # never leave a node running behind a failed test
+        self.proc.wait(10)
         pytest.fail(f"aenode serve did not listen within {timeout} s:\n{self.log_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

@@ -4,8 +4,13 @@ Images are NIfTI files (``<case>.nii.gz`` / ``.nii``) or DICOM series folders
 (``<case>/``); reference labels are ``<case>.nii.gz`` label maps in ``--labels``. Each case
 goes through the same :class:`aenode.infer.runtime.Runtime` that serves the model, and is
 scored per label: Dice, Jaccard, 95th-percentile Hausdorff distance (mm), volume error
-(mm^3 and %), sensitivity and specificity. Classifiers are scored from a ``labels.csv``
-(``case,class``) with accuracy, AUC, F0.5, sensitivity and specificity per class.
+(mm^3 and %), sensitivity and specificity. Classifiers are scored from a labels CSV
+(``case,label``, or ``case,<class>,...`` with 0/1 per class for multi-label models, see
+:func:`read_labels_csv`) with accuracy, AUC, F0.5, sensitivity and specificity per class
+and bootstrap 95% intervals; a softmax model is decided by the argmax. Models with several
+roles read ``<case>/<role>/`` folders (:func:`read_roles`). A DICOM input whose Modality
+differs from the card's is refused. The JSON report has no NaN: undefined values are null
+and ``undefined`` says why.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ __all__ = [
     "find_cases",
     "label_key",
     "read_case",
+    "read_labels_csv",
+    "read_roles",
     "score_segmentation",
 ]
 
@@ -160,6 +167,61 @@ def read_case(path: Path, modality: str = "") -> Volume:
     return Volume(image=image, series=info)
 
 
+def read_roles(path: Path, card: ModelCard, case: str) -> dict[str, Volume]:
+    """The input volumes of one case: role name -> volume, checked against the card.
+
+    A single-role model reads ``path`` itself (a NIfTI file or a DICOM series folder). A
+    model with several roles reads a case folder holding one entry per role:
+    ``<case>/<role>/`` (a DICOM series folder) or ``<case>/<role>.nii.gz``; a missing
+    optional role is left out (the runtime fills it as for a study without it).
+
+    Raises
+    ------
+    aenode.config.ConfigError
+        If a required role is missing, or a DICOM series' Modality differs from the card's
+        ``inputs.modality``; the message names the case, the role and the path.
+    """
+    roles = card.inputs.roles
+    if len(roles) == 1:
+        entries = {roles[0].name: path}
+    else:
+        if not path.is_dir():
+            names = ", ".join(r.name for r in roles)
+            raise ConfigError(
+                f"case {case}: model {card.name} takes roles {names}: {path} must be a folder "
+                "with one <role>/ DICOM folder or <role>.nii.gz per role"
+            )
+        entries = {}
+        for role in roles:
+            found = next(
+                (
+                    p
+                    for p in (path / role.name, *(path / f"{role.name}{s}" for s in _NIFTI))
+                    if p.exists()
+                ),
+                None,
+            )
+            if found is None:
+                if role.required:
+                    raise ConfigError(
+                        f"case {case}: required role {role.name} missing: no {role.name}/ or "
+                        f"{role.name}.nii.gz in {path}"
+                    )
+                continue
+            entries[role.name] = found
+    volumes = {}
+    for name, entry in entries.items():
+        volume = read_case(entry, card.inputs.modality)
+        modality = volume.series.modality
+        if modality and modality.upper() != card.inputs.modality.upper():
+            raise ConfigError(
+                f"case {case}: role {name}: {entry} is Modality {modality}, but model "
+                f"{card.name} is for {card.inputs.modality} (inputs.modality)"
+            )
+        volumes[name] = volume
+    return volumes
+
+
 def score_segmentation(
     pred: sitk.Image, ref: sitk.Image, card: ModelCard
 ) -> dict[str, dict[str, float]]:
@@ -247,12 +309,11 @@ def evaluate_segmentation(
         non-finite Hausdorff distances (an empty mask) are left out of the means and
         counted in ``"hd95_infinite"``.
     """
-    role = card.inputs.roles[0].name
     rows: list[dict[str, Any]] = []
     for case, image_path, label_path in cases:
-        volume = read_case(image_path, card.inputs.modality)
-        prediction = runtime.predict(card.name, {role: volume})
-        assert prediction.labels is not None
+        prediction = runtime.predict(card.name, read_roles(image_path, card, case))
+        if prediction.labels is None:
+            raise ConfigError(f"case {case}: model {card.name} gave no label map")
         scores = score_segmentation(prediction.labels, sitk.ReadImage(str(label_path)), card)
         rows.append({"case": case, **scores})
         if progress is not None:
@@ -278,10 +339,77 @@ def evaluate_segmentation(
     }
 
 
+def read_labels_csv(path: Path, card: ModelCard) -> dict[str, set[str]]:
+    """The reference classes per case from a labels CSV.
+
+    Two layouts (a header row is required):
+
+    - ``case,label`` (or ``case,class``): one class name of the card per case; empty for
+      none (a sigmoid model's negative case).
+    - ``case,<class>,<class>...``: one column per card class, ``1``/``0`` (or
+      ``true``/``false``), for multi-label (sigmoid) models.
+
+    Returns
+    -------
+    dict of str to set of str
+        Case -> the classes present.
+
+    Raises
+    ------
+    aenode.config.ConfigError
+        Naming the file, line and column of what does not fit the card.
+    """
+    names = [c.name for c in card.outputs.classes]
+    if not path.is_file():
+        raise ConfigError(f"--labels: {path} is not a file (a CSV with a case column)")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in reader.fieldnames or []]
+        if "case" not in header:
+            raise ConfigError(f"--labels: {path}: the header must have a 'case' column")
+        single = next((h for h in ("label", "class") if h in header), None)
+        if single is None:
+            unknown = [h for h in header if h != "case" and h not in names]
+            if unknown or len(header) < 2:
+                raise ConfigError(
+                    f"--labels: {path}: columns {unknown or header} are not classes of model "
+                    f"{card.name} ({', '.join(names)}); use case,label or case,<class>..."
+                )
+        truth: dict[str, set[str]] = {}
+        for line, row in enumerate(reader, start=2):
+            case = (row.get("case") or "").strip()
+            if not case:
+                raise ConfigError(f"--labels: {path}:{line}: empty case")
+            if single is not None:
+                value = (row.get(single) or "").strip()
+                if value and value not in names:
+                    raise ConfigError(
+                        f"--labels: {path}:{line}: {single} {value!r} is not a class of model "
+                        f"{card.name} ({', '.join(names)})"
+                    )
+                truth[case] = {value} if value else set()
+                continue
+            present = set()
+            for name in names:
+                value = (row.get(name) or "0").strip().lower()
+                if value not in ("0", "1", "true", "false", ""):
+                    raise ConfigError(f"--labels: {path}:{line}: column {name}: {value!r} not 0/1")
+                if value in ("1", "true"):
+                    present.add(name)
+            truth[case] = present
+    return truth
+
+
 def evaluate_classification(
     runtime: Runtime, card: ModelCard, images: Path, labels_csv: Path, cases: Sequence[str] | None
 ) -> dict[str, Any]:
-    """Run a classifier on cases and score it against ``case,class`` rows of a CSV file.
+    """Run a classifier on cases and score it against a labels CSV (:func:`read_labels_csv`).
+
+    A softmax head is decided by the argmax (one class per case, as the node reports it);
+    a sigmoid head by each class's threshold. Per class (one-vs-rest): accuracy, AUC, F0.5,
+    sensitivity and specificity with bootstrap 95% intervals
+    (:func:`aenode.metrics.classification_metrics`); a softmax model also gets the overall
+    accuracy of the argmax.
 
     Parameters
     ----------
@@ -290,22 +418,23 @@ def evaluate_classification(
     card : ModelCard
         The classifier's card.
     images : pathlib.Path
-        Folder of NIfTI files or DICOM series folders.
+        Folder of ``<case>.nii.gz`` files or ``<case>/`` DICOM series folders (a model with
+        several roles: ``<case>/<role>/`` folders, see :func:`read_roles`).
     labels_csv : pathlib.Path
-        CSV with a header ``case,class``; ``class`` is a card class name or empty for none.
+        The reference classes.
     cases : sequence of str or None
         Only these cases.
 
     Returns
     -------
     dict
-        ``{"model", "version", "n", "metrics": {class: {accuracy, auc, f0.5, sensitivity,
-        specificity}}, "cases": [...]}``.
+        ``{"model", "version", "n", "head", "metrics": {class: {...}}, "accuracy" (softmax),
+        "cases": [{"case", "truth", "predicted", "scores"}]}``.
     """
-    with labels_csv.open(newline="", encoding="utf-8") as fh:
-        truth = {row["case"]: row["class"] for row in csv.DictReader(fh)}
+    truth = read_labels_csv(labels_csv, card)
     names = list(cases) if cases is not None else sorted(truth)
-    role = card.inputs.roles[0].name
+    classes = [c.name for c in card.outputs.classes]
+    softmax = card.outputs.head == "softmax"
     rows: list[dict[str, Any]] = []
     for case in names:
         path = next(
@@ -316,20 +445,43 @@ def evaluate_classification(
             raise ConfigError(
                 f"--cases: {case} lacks an image in {images} or a row in {labels_csv}"
             )
-        prediction = runtime.predict(card.name, {role: read_case(path, card.inputs.modality)})
-        rows.append({"case": case, "truth": truth[case], "scores": prediction.class_probabilities})
-    result: dict[str, dict[str, float]] = {}
+        if softmax and len(truth[case]) != 1:
+            raise ConfigError(
+                f"--labels: {labels_csv}: case {case}: a softmax model needs exactly one class "
+                f"per case, got {sorted(truth[case]) or 'none'}"
+            )
+        prediction = runtime.predict(card.name, read_roles(path, card, case))
+        probs = prediction.class_probabilities or {}
+        if softmax:
+            predicted = [max(classes, key=lambda c: probs.get(c, 0.0))]
+        else:
+            predicted = [
+                c.name for c in card.outputs.classes if probs.get(c.name, 0.0) >= c.threshold
+            ]
+        rows.append(
+            {"case": case, "truth": sorted(truth[case]), "predicted": predicted, "scores": probs}
+        )
+    if not rows:
+        raise ConfigError(f"--labels: {labels_csv}: no cases")
+    result: dict[str, dict[str, Any]] = {}
     for spec in card.outputs.classes:
-        scores = [float((r["scores"] or {}).get(spec.name, 0.0)) for r in rows]
-        positive = [int(r["truth"] == spec.name) for r in rows]
-        result[spec.name] = metrics.classification_metrics(scores, positive, spec.threshold)
-    return {
+        scores = [float(r["scores"].get(spec.name, 0.0)) for r in rows]
+        positive = [int(spec.name in r["truth"]) for r in rows]
+        decided = [int(spec.name in r["predicted"]) for r in rows]
+        result[spec.name] = metrics.classification_metrics(
+            scores, positive, spec.threshold, predicted=decided, intervals=True
+        )
+    report: dict[str, Any] = {
         "model": card.name,
         "version": card.version,
         "n": len(rows),
+        "head": card.outputs.head,
         "metrics": result,
         "cases": rows,
     }
+    if softmax:
+        report["accuracy"] = sum(r["truth"] == r["predicted"] for r in rows) / len(rows)
+    return report
 
 
 def finite(obj: Any) -> Any:

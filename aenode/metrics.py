@@ -8,7 +8,10 @@ distance is 0 when both are empty and ``inf`` when exactly one is.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage, stats
@@ -270,41 +273,119 @@ def f_beta(precision: float, recall: float, beta: float = 0.5) -> float:
     return 0.0 if denom == 0 else (1 + b2) * precision * recall / denom
 
 
+_CLASSIFIER_METRICS = ("accuracy", "auc", "f0.5", "sensitivity", "specificity")
+
+
+def _confusion(p: np.ndarray, t: np.ndarray) -> tuple[int, int, int, int]:
+    return int((p & t).sum()), int((~p & ~t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+
+
+def _point(s: np.ndarray, t: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    tp, tn, fp, fn = _confusion(p, t)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    area = float("nan")
+    if t.any() and (~t).any():
+        area = auc(s.tolist(), t.astype(int).tolist())
+    return {
+        "accuracy": (tp + tn) / t.size if t.size else float("nan"),
+        "auc": area,
+        "f0.5": f_beta(precision, 0.0 if math.isnan(recall) else recall, 0.5),
+        "sensitivity": recall,
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+    }
+
+
 def classification_metrics(
-    scores: Sequence[float], truth: Sequence[int], threshold: float = 0.5
-) -> dict[str, float]:
-    """Accuracy, AUC, F0.5, sensitivity and specificity of a binary classifier.
+    scores: Sequence[float],
+    truth: Sequence[int],
+    threshold: float = 0.5,
+    *,
+    predicted: Sequence[int] | None = None,
+    intervals: bool = False,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy, AUC, F0.5, sensitivity and specificity of a binary decision, with intervals.
 
     Parameters
     ----------
     scores : sequence of float
-        Predicted probability of the positive class per case.
+        Predicted probability of the positive class per case (ranks the cases for AUC).
     truth : sequence of int
         1 for positive cases, 0 for negative.
     threshold : float
-        Scores at or above it count as positive.
+        Scores at or above it count as positive (a sigmoid head's class threshold).
+    predicted : sequence of int or None
+        The decision per case when it is not a threshold on ``scores`` (a softmax head:
+        1 where this class is the argmax); overrides ``threshold``.
+    intervals : bool
+        Add ``ci95``: a paired percentile bootstrap (``scipy.stats.bootstrap``) interval
+        per metric, resampling cases.
+    n_resamples, level, seed : int, float, int
+        Bootstrap resamples, confidence level and seed (reproducible intervals).
 
     Returns
     -------
-    dict of str to float
-        ``accuracy``, ``auc`` (NaN when only one class is present), ``f0.5``,
-        ``sensitivity``, ``specificity``.
+    dict
+        ``accuracy``, ``auc``, ``f0.5``, ``sensitivity``, ``specificity`` (NaN where
+        undefined, e.g. AUC with one class present; ``undefined`` then names each with the
+        reason), ``n``, ``positives``, and with ``intervals`` ``ci95``: metric -> [low,
+        high] (NaN bounds where resamples leave it undefined).
     """
     s = np.asarray(scores, dtype=np.float64)
     t = np.asarray(truth).astype(bool)
-    p = s >= threshold
-    tp, tn = int((p & t).sum()), int((~p & ~t).sum())
-    fp, fn = int((p & ~t).sum()), int((~p & t).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    try:
-        area = auc(s.tolist(), t.astype(int).tolist())
-    except ValueError:
-        area = float("nan")
-    return {
-        "accuracy": (tp + tn) / max(1, t.size),
-        "auc": area,
-        "f0.5": f_beta(precision, recall, 0.5),
-        "sensitivity": recall,
-        "specificity": tn / (tn + fp) if tn + fp else 1.0,
-    }
+    if s.shape != t.shape:
+        raise ValueError(f"{s.size} scores for {t.size} truth values")
+    p = s >= threshold if predicted is None else np.asarray(predicted).astype(bool)
+    out: dict[str, Any] = dict(_point(s, t, p))
+    undefined = {}
+    if not (t.any() and (~t).any()):
+        undefined["auc"] = "needs at least one positive and one negative case"
+    if not t.any():
+        undefined["sensitivity"] = "no positive case"
+    if t.all():
+        undefined["specificity"] = "no negative case"
+    out["n"], out["positives"] = int(t.size), int(t.sum())
+    if undefined:
+        out["undefined"] = undefined
+    if intervals:
+        out["ci95"] = _intervals(s, t, p, n_resamples, level, seed)
+    return out
+
+
+def _intervals(
+    s: np.ndarray, t: np.ndarray, p: np.ndarray, n: int, level: float, seed: int
+) -> dict[str, list[float]]:
+    ci: dict[str, list[float]] = {}
+    for name in _CLASSIFIER_METRICS:
+        point = _point(s, t, p)[name]
+        if t.size < 2 or math.isnan(point):
+            ci[name] = [point, point] if t.size == 1 else [float("nan"), float("nan")]
+            continue
+
+        def statistic(si: np.ndarray, ti: np.ndarray, pi: np.ndarray, key: str = name) -> float:
+            return _point(si, ti.astype(bool), pi.astype(bool))[key]
+
+        with warnings.catch_warnings():
+            # Resamples without one class leave AUC (or a rate) undefined: NaN, not noise.
+            warnings.simplefilter("ignore")
+            res = stats.bootstrap(
+                (s, t.astype(int), p.astype(int)),
+                statistic,
+                paired=True,
+                vectorized=False,
+                n_resamples=n,
+                confidence_level=level,
+                method="percentile",
+                rng=np.random.default_rng(seed),
+            )
+        dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
+        dist = dist[np.isfinite(dist)]
+        if dist.size == 0:
+            ci[name] = [float("nan"), float("nan")]
+        else:
+            alpha = (1 - level) / 2
+            ci[name] = [float(np.quantile(dist, alpha)), float(np.quantile(dist, 1 - alpha))]
+    return ci

@@ -57,6 +57,7 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0) -> NodeProcess:
+        # Start-up now includes the warm-up job of every model before the node listens.
         offset = len(self.log_text())
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -73,6 +74,8 @@ class NodeProcess:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     return self
             time.sleep(0.1)
+        self.proc.kill()  # never leave a node running behind a failed test
+        self.proc.wait(10)
         pytest.fail(f"aenode serve did not listen within {timeout} s:\n{self.log_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

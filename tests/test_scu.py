@@ -209,7 +209,7 @@ def test_echo_and_command(storescp, capsys: pytest.CaptureFixture[str]) -> None:
     closed = free_port()
     assert not echo("127.0.0.1", closed, "X", "AENODE", 2)
     assert cli_main(["echo", "127.0.0.1", str(closed)]) == 1
-    assert f"ANY-SCP@127.0.0.1:{closed}" in capsys.readouterr().out
+    assert f"AENODE@127.0.0.1:{closed}" in capsys.readouterr().out  # node.ae_title
 
 
 @pytest.mark.network

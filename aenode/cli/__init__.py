@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,9 +75,14 @@ def _build_parser() -> argparse.ArgumentParser:
     command("serve", "serve:command_serve", "run the node: receive, select, infer, export")
 
     p = command("echo", "echo:command_echo", "C-ECHO a DICOM peer")
-    p.add_argument("host")
-    p.add_argument("port", type=int)
-    p.add_argument("--aet", default="ANY-SCP", help="called AE title")
+    p.add_argument("host", help="the peer's host name or address")
+    p.add_argument("port", type=int, help="the peer's DICOM port")
+    p.add_argument(
+        "--aet",
+        default=None,
+        help="called AE title (default node.ae_title, so that `aenode echo HOST PORT` reaches "
+        "our own node)",
+    )
     p.add_argument("--calling-aet", default=None, help="our AE title (default node.ae_title)")
 
     p = sub.add_parser("config", parents=[common], help="configuration tools")
@@ -84,48 +90,75 @@ def _build_parser() -> argparse.ArgumentParser:
     pc = csub.add_parser(
         "check", parents=[common], help="validate a configuration and the rules' model names"
     )
-    pc.add_argument("path", nargs="?", type=Path, default=None)
+    pc.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        default=None,
+        help="the configuration to check (default: --config, else ./config.yaml)",
+    )
     pc.set_defaults(handler=_lazy("config:command_config_check"))
 
     p = command("status", "store:command_status", "recent series and jobs with their state")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--limit", type=int, default=50, help="at most this many series and jobs")
 
     p = command("select", "select:command_select", "dry-run the selection rules on DICOM files")
-    p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (recursive)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--no-volume-check",
+        action="store_true",
+        help="do not build the matched series' volumes (headers only: faster, but a series "
+        "whose geometry a job would reject still shows as matched)",
+    )
 
     p = command("models", "models:command_models", "list the model packages")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = command("train", "train:command_train", "train a shipped model from data on disk")
-    p.add_argument("model", choices=["hippocampus"])
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("model", choices=["hippocampus"], help="the shipped model to train")
+    p.add_argument(
+        "--data", type=Path, required=True, help="the training data (imagesTr/, labelsTr/)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="the model package folder to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--minutes", type=float, default=None, help="training time budget")
     p.add_argument(
         "--epochs", type=int, default=None, help="fixed epoch count (bit-for-bit reproducible)"
     )
 
     p = command("evaluate", "evaluate:command_evaluate", "metrics of a model against labels")
-    p.add_argument("--model", required=True)
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--model", required=True, help="a model package under models.path")
+    p.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help="folder of <case>.nii.gz files or <case>/ DICOM series folders; for a model with "
+        "several roles <case>/<role>/ folders (or <case>/<role>.nii.gz)",
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        help="segmentation: folder of <case>.nii.gz label maps; classification: a CSV "
+        "(case,label with a class name per case, or case,<class>,... with 0/1 per class) "
+        "or a folder holding labels.csv",
+    )
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (no NaN)")
 
     p = command("run", "run:command_run", "select, infer and write results for DICOM folders")
-    p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (recursive)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the result objects")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = command("jobs", "store:command_jobs", "jobs with their state and per-stage times")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--limit", type=int, default=50, help="at most this many jobs")
 
     p = command("retry", "store:command_retry", "queue a failed job's export (or job) again")
-    p.add_argument("job", type=int)
+    p.add_argument("job", type=int, help="the job's id (aenode jobs)")
     return parser
 
 
@@ -142,6 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         The process exit status: 0 success, 1 failure, 2 bad usage or configuration.
     """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a reader that left shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `aenode status | head`: the reader left; not an error of ours. Point stdout at
+        # devnull so that the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     config_path: Path | None = args.config

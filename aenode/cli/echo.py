@@ -19,11 +19,12 @@ def command_echo(args: argparse.Namespace, settings: Settings) -> int:
         0 if the peer answered with success, 1 otherwise.
     """
     calling = args.calling_aet or settings.calling_ae
+    called = args.aet or settings.node.ae_title
     reason = echo_reason(
-        args.host, args.port, args.aet, calling, settings.export.retry.timeout_seconds
+        args.host, args.port, called, calling, settings.export.retry.timeout_seconds
     )
     if reason is None:
-        print(f"C-ECHO {args.aet}@{args.host}:{args.port}: success")
+        print(f"C-ECHO {called}@{args.host}:{args.port}: success")
         return 0
     print(f"C-ECHO failed: {reason}")
     return 1

@@ -50,5 +50,5 @@ def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     elif report["task"] == "segmentation":
         _print_segmentation(report)
     else:
-        print(json.dumps(report["metrics"], indent=2))
+        print(json.dumps(finite(report["metrics"]), indent=2))
     return 0

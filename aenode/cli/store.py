@@ -6,19 +6,30 @@ import argparse
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from aenode.config import Settings
 from aenode.errors import InputError
 from aenode.export.outbox import Outbox
+from aenode.health import read_refusal
 from aenode.jobs import JobRecord, recent_jobs, retry_job
 from aenode.status import open_store, status_report
 
-__all__ = ["command_jobs", "command_retry", "command_status"]
+__all__ = ["command_jobs", "command_retry", "command_status", "findings_text"]
 
 
 def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def findings_text(findings: list[dict[str, Any]]) -> str:
+    """One line for a job's findings: ``bleed 0.93 (present); fracture 0.12 (absent)``."""
+    parts = []
+    for f in findings:
+        mark = "present" if f.get("present") else "absent"
+        parts.append(f"{f.get('name')} {float(f.get('probability', 0.0)):.2f} ({mark})")
+    return "; ".join(parts)
 
 
 def _job_dict(job: JobRecord) -> dict[str, Any]:
@@ -44,11 +55,19 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
         store.close()
     series = [{**asdict(s), "state": s.state.value} for s in report.series]
     jobs = [_job_dict(j) for j in report.jobs]
+    refusing = read_refusal(Path(settings.storage.path))
     if args.json:
         handover = {state.value: n for state, n in report.handover.items()}
-        print(json.dumps({"series": series, "handover": handover, "jobs": jobs}, indent=2))
+        print(
+            json.dumps(
+                {"refusing": refusing, "series": series, "handover": handover, "jobs": jobs},
+                indent=2,
+            )
+        )
         return 0
-    if not series:
+    if refusing:
+        print(f"node refusing new C-STOREs (0xA700): {refusing}")
+    if not series and not jobs:
         print("no series received yet")
         return 0
     print(
@@ -59,8 +78,11 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
         count = (
             f"{s['instance_count']}/{s['expected']}" if s["expected"] else str(s["instance_count"])
         )
+        state = s["state"]
+        if state == "complete" and (s["reason"] or "").startswith("not selected:"):
+            state = "unmatched"  # complete, but no rule selected it (the reason says why)
         print(
-            f"{_when(s['last_arrival']):19}  {s['state']:9}  {s['completed_by'] or '-':8}  "
+            f"{_when(s['last_arrival']):19}  {state:9}  {s['completed_by'] or '-':8}  "
             f"{count:>9}  {s['modality'] or '-':4}  {s['revision']:>3}  {s['series_uid']} "
             f"{s['description'] or ''}"
         )
@@ -68,7 +90,8 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{'':19}  reason: {s['reason']}")
     for j in jobs:
         volumes = ", ".join(f"{k} {v:.0f} mm3" for k, v in j["volumes_mm3"].items())
-        print(f"job {j['id']}: {j['model']} {j['state']} {j['reason'] or volumes}")
+        shown = j["reason"] or findings_text(j["findings"]) or volumes
+        print(f"job {j['id']}: {j['model']} {j['state']} {shown}")
     return 0
 
 
@@ -103,6 +126,8 @@ def command_jobs(args: argparse.Namespace, settings: Settings) -> int:
         )
         if j["reason"]:
             print(f"{'':>5}  reason: {j['reason']}")
+        if j["findings"]:
+            print(f"{'':>5}  findings: {findings_text(j['findings'])}")
     return 0
 
 

@@ -124,8 +124,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=50)
 
-    p = command("retry", "store:command_retry", "queue a failed job's export (or job) again")
-    p.add_argument("job", type=int)
+    p = command(
+        "retry",
+        "store:command_retry",
+        "queue a failed or quarantined job's export (or job) again; --quarantined: all",
+    )
+    p.add_argument("job", type=int, nargs="?")
+    p.add_argument(
+        "--quarantined",
+        action="store_true",
+        help="take every quarantined item (series, hand-over, study rule, job, export) out",
+    )
     return parser
 
 

@@ -316,16 +316,24 @@ def claim_job(store: Store, now: float | None = None) -> Job | None:
     Returns
     -------
     Job or None
+        A job whose row cannot be read (malformed inputs) ends ``failed`` with the reason
+        and the next one is taken.
     """
     now = time.time() if now is None else now
-    with store.transaction() as conn:
-        row = conn.execute(
-            "SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (JobState.QUEUED,)
-        ).fetchone()
-        if row is None:
-            return None
-        move(conn, row["id"], JobState.RUNNING, t_started=now)
-    return job_from_row(row)
+    while True:
+        with store.transaction() as conn:
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (JobState.QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            move(conn, row["id"], JobState.RUNNING, t_started=now)
+            try:
+                return job_from_row(row)
+            except (ValueError, TypeError, KeyError) as exc:  # a malformed row: that job only
+                reason = f"internal error: job row cannot be read: {type(exc).__name__}: {exc}"
+                move(conn, row["id"], JobState.FAILED, reason=reason)
+                logger.error("job %s: %s", row["id"], reason, extra={"job": row["id"]})
 
 
 def requeue_interrupted(store: Store) -> int:
@@ -520,15 +528,19 @@ class JobRunner:
 
     def _requeue_stranded(self) -> None:
         """Queue again the jobs a store error left running (the store takes writes again)."""
-        with self._lock:
+        with self._lock:  # each stranded job is taken by one worker only
             stranded = sorted(self._stranded)
-        for job_id in stranded:
-            with self.store.transaction() as conn:
-                state = get_state(conn, job_id)
-                if state in (JobState.RUNNING, JobState.INFERRED):
-                    move(conn, job_id, JobState.QUEUED)
-            with self._lock:
-                self._stranded.discard(job_id)
+            self._stranded.clear()
+        for k, job_id in enumerate(stranded):
+            try:
+                with self.store.transaction() as conn:
+                    state = get_state(conn, job_id)
+                    if state in (JobState.RUNNING, JobState.INFERRED):
+                        move(conn, job_id, JobState.QUEUED)
+            except BaseException:
+                with self._lock:
+                    self._stranded.update(stranded[k:])
+                raise
             logger.warning("job %s queued again after a store error", job_id, extra={"job": job_id})
 
     def _run(self, job: Job, ctx: dict[str, Any], stage: list[str]) -> JobOutcome:

@@ -481,7 +481,7 @@ class JobRunner:
             reason = f"{stage[0]}: {exc}"
             logger.error("job failed: %s", reason, extra=ctx)
         except Exception as exc:
-            if is_resource_error(exc):
+            if failures is not None and is_resource_error(exc):
                 return self._postpone(job, f"{stage[0]}: {describe(exc)}", ctx)
             reason = f"internal error: {describe(exc)}"
             if failures is None:  # a bug: visible as such, with its traceback

@@ -114,3 +114,52 @@ def test_a_disk_that_fills_under_a_job_does_not_stop_the_workers_and_the_job_com
         if r.levelno >= logging.ERROR and "internal error" in r.getMessage()
     )
     store.close()
+
+
+@pytest.mark.network
+def test_aenode_serve_on_a_disk_that_fills_keeps_serving_and_finishes_the_study(
+    tmpfs: Path,  # noqa: F811
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    import yaml
+    from conftest import ROOT
+    from test_receive import NodeProcess, storescu
+
+    selection = yaml.safe_load((ROOT / "config.yaml").read_text())["selection"]
+    node = NodeProcess(
+        tmp_path,
+        {
+            "storage": {"path": str(tmpfs / "var"), "min_free_mb": 0},
+            "node": {"receivers": 1},
+            "logging": {"level": "INFO"},
+            "selection": selection,
+        },
+    )
+    node.storage = tmpfs / "var"
+    node.start()
+    try:
+        deadline = time.monotonic() + 120
+        while "model hippocampus warm" not in node.log_text():
+            assert time.monotonic() < deadline, node.log_text()[-3000:]
+            time.sleep(0.2)
+        crop = data_dir / "udacity-mr" / "Study1" / "13_HCropVolume"
+        assert storescu(node.port, crop, opts=("+sd",)).returncode == 0
+        fill(tmpfs / "filler")  # while the series completes and its job runs
+        time.sleep(5.0)
+        assert node.proc is not None and node.proc.poll() is None
+        (tmpfs / "filler").unlink()  # space returns; no restart
+        deadline = time.monotonic() + 120
+        rows: list[Any] = []
+        while time.monotonic() < deadline:
+            rows = node.query("SELECT model, state, reason FROM jobs")
+            if rows and all(r["state"] == "done" for r in rows):
+                break
+            time.sleep(0.5)
+        assert [(r["model"], r["state"]) for r in rows] == [("hippocampus", "done")], [
+            dict(r) for r in rows
+        ]
+        assert node.proc.poll() is None
+        assert "Exception in thread" not in node.log_text()
+    finally:
+        node.stop()

@@ -43,6 +43,7 @@ from aenode.config import SeriesSettings, Settings
 from aenode.records import SeriesInfo
 from aenode.states import SeriesState, transition
 from aenode.store import Store
+from aenode.supervise import Backoff, Failures, Quarantined, describe, is_resource_error, supervise
 
 if TYPE_CHECKING:
     from aenode.receive.header import InstanceHeader
@@ -58,9 +59,12 @@ __all__ = [
     "complete_series",
     "expected_count",
     "note_series",
+    "quarantine_series",
+    "quarantined_series",
     "recent_series",
     "record_association_end",
     "reject_series",
+    "release_quarantined_series",
     "series_info_from_payload",
     "spooled_paths",
     "stored_instance",
@@ -504,6 +508,49 @@ def reject_series(store: Store, series_uid: str, revision: int, reason: str) -> 
         )
 
 
+def quarantine_series(store: Store, series_uid: str, revision: int, reason: str) -> None:
+    """Set a receiving series revision aside after repeated failures to complete it.
+
+    Later instances of the series open a new revision; ``aenode retry --quarantined``
+    (:func:`release_quarantined_series`) hands this one back to the assembler.
+    """
+    with store.transaction() as conn:
+        row = conn.execute(
+            "SELECT state FROM series WHERE series_uid=? AND revision=?", (series_uid, revision)
+        ).fetchone()
+        if row is None:
+            return
+        conn.execute(
+            "UPDATE series SET state=?, reason=? WHERE series_uid=? AND revision=?",
+            (transition(row["state"], SeriesState.QUARANTINED), reason, series_uid, revision),
+        )
+
+
+def quarantined_series(store: Store) -> list[Quarantined]:
+    """Series revisions set aside after repeated failures (``aenode status``)."""
+    rows = store.execute(
+        "SELECT series_uid, revision, reason FROM series WHERE state=? ORDER BY last_arrival",
+        (SeriesState.QUARANTINED,),
+    )
+    return [Quarantined("series", f"{r['series_uid']}:{r['revision']}", r["reason"]) for r in rows]
+
+
+def release_quarantined_series(store: Store) -> int:
+    """``aenode retry --quarantined``: quarantined series revisions are receiving again.
+
+    Returns
+    -------
+    int
+        How many were released.
+    """
+    receiving = transition(SeriesState.QUARANTINED, SeriesState.RECEIVING)
+    with store.transaction() as conn:
+        return conn.execute(
+            "UPDATE series SET state=?, reason=NULL WHERE state=?",
+            (receiving, SeriesState.QUARANTINED),
+        ).rowcount
+
+
 @dataclass(frozen=True)
 class StoredInstance:
     """What the ledger holds of one received instance (for duplicate handling)."""
@@ -674,6 +721,7 @@ class Assembler:
         self.store = store
         self.series = settings.series
         self.root = Path(settings.storage.path)
+        self.failures = Failures()
 
     def poll(self, now: float | None = None) -> list[tuple[str, int, str]]:
         """Complete every series revision whose time has come.
@@ -692,40 +740,67 @@ class Assembler:
         done: list[tuple[str, int, str]] = []
         rows = self.store.execute("SELECT * FROM series WHERE state=?", (SeriesState.RECEIVING,))
         for row in rows:
-            if _due(self.store.execute, row, now, self.series) is None:
+            key = (row["series_uid"], row["revision"])
+            try:
+                by = self._complete(row, now)
+            except Exception as exc:
+                if is_resource_error(exc):
+                    raise
+                self._failed(row, exc)
                 continue
-            with self.store.transaction() as conn:
-                fresh = conn.execute(
-                    "SELECT * FROM series WHERE series_uid=? AND revision=?",
-                    (row["series_uid"], row["revision"]),
-                ).fetchone()
-                if fresh is None or fresh["state"] != SeriesState.RECEIVING:
-                    continue
-                by = _due(
-                    lambda sql, args: conn.execute(sql, args).fetchall(), fresh, now, self.series
-                )
-                if by is not None and complete_series(
-                    conn, self.store, fresh["series_uid"], fresh["revision"], by, now, self.root
-                ):
-                    done.append((fresh["series_uid"], fresh["revision"], by))
+            self.failures.clear(key)
+            if by is not None:
+                done.append((row["series_uid"], row["revision"], by))
         return done
+
+    def _complete(self, row: sqlite3.Row, now: float) -> str | None:
+        if _due(self.store.execute, row, now, self.series) is None:
+            return None
+        with self.store.transaction() as conn:
+            fresh = conn.execute(
+                "SELECT * FROM series WHERE series_uid=? AND revision=?",
+                (row["series_uid"], row["revision"]),
+            ).fetchone()
+            if fresh is None or fresh["state"] != SeriesState.RECEIVING:
+                return None
+            by = _due(lambda sql, args: conn.execute(sql, args).fetchall(), fresh, now, self.series)
+            if by is not None and complete_series(
+                conn, self.store, fresh["series_uid"], fresh["revision"], by, now, self.root
+            ):
+                return by
+        return None
+
+    def _failed(self, row: sqlite3.Row, exc: Exception) -> None:
+        uid, revision = row["series_uid"], row["revision"]
+        ctx = {"study": row["study_uid"], "series": uid}
+        tries = self.failures.failed((uid, revision), exc, log, f"series {uid}", ctx)
+        if self.failures.exhausted(tries):
+            reason = f"quarantined after {tries} tries: internal error: {describe(exc)}"
+            quarantine_series(self.store, uid, revision, reason)
+            self.failures.clear((uid, revision))
+            log.error("series quarantined: %s", reason, extra=ctx)
 
     def run(self, stop: threading.Event) -> None:
         """Poll every ``series.poll_seconds`` until ``stop`` is set.
 
-        A store error (for example a lock held too long) is logged and the poll retried;
-        the state it would have changed stays in the store.
+        A store error (for example a lock held too long) is retried with back-off; the
+        state it would have changed stays in the store. A series whose completion raises
+        is quarantined after :data:`aenode.supervise.QUARANTINE_AFTER` tries.
 
         Parameters
         ----------
         stop : threading.Event
             Set to end the loop.
         """
-        while not stop.is_set():
-            try:
-                self.poll()
-            except sqlite3.Error as exc:
-                # Nothing is lost: the series rows stay 'receiving' and the next poll retries.
-                log.error("assembler poll failed, retrying in 1 s: %s", exc)
-                stop.wait(1.0)
-            stop.wait(self.series.poll_seconds)
+
+        def step() -> bool:
+            self.poll()
+            return False
+
+        supervise(
+            "assembler",
+            step,
+            stop,
+            idle=lambda: stop.wait(self.series.poll_seconds),
+            backoff=Backoff(initial=1.0),
+        )

@@ -28,6 +28,16 @@ from aenode.errors import InputError, PeerError
 from aenode.records import Job, Prediction, SeriesInfo, Volume
 from aenode.states import IllegalTransition, JobState, transition
 from aenode.store import Store, StoreError
+from aenode.supervise import (
+    QUARANTINE_AFTER,
+    Backoff,
+    Failures,
+    Quarantined,
+    Unavailable,
+    describe,
+    is_resource_error,
+    supervise,
+)
 
 if TYPE_CHECKING:
     from aenode.config import Settings
@@ -47,6 +57,7 @@ __all__ = [
     "job_from_row",
     "move",
     "note",
+    "quarantined_jobs",
     "recent_jobs",
     "record_job",
     "requeue_interrupted",
@@ -319,6 +330,14 @@ def note(conn: sqlite3.Connection, job_id: int, reason: str | None) -> None:
     conn.execute("UPDATE jobs SET reason=?, updated_at=? WHERE id=?", (reason, time.time(), job_id))
 
 
+def quarantined_jobs(store: Store) -> list[Quarantined]:
+    """Jobs set aside after repeated unexpected failures (``aenode status``)."""
+    rows = store.execute(
+        "SELECT id, reason FROM jobs WHERE state=? ORDER BY id", (JobState.QUARANTINED,)
+    )
+    return [Quarantined("job", str(r["id"]), r["reason"]) for r in rows]
+
+
 def claim_job(store: Store, now: float | None = None) -> Job | None:
     """Take the oldest ``queued`` job (it becomes ``running``), or None.
 
@@ -335,16 +354,24 @@ def claim_job(store: Store, now: float | None = None) -> Job | None:
     Returns
     -------
     Job or None
+        A job whose row cannot be read (malformed inputs) ends ``failed`` with the reason
+        and the next one is taken.
     """
     now = time.time() if now is None else now
-    with store.transaction() as conn:
-        row = conn.execute(
-            "SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (JobState.QUEUED,)
-        ).fetchone()
-        if row is None:
-            return None
-        move(conn, row["id"], JobState.RUNNING, t_started=now)
-    return job_from_row(row)
+    while True:
+        with store.transaction() as conn:
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (JobState.QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            move(conn, row["id"], JobState.RUNNING, t_started=now)
+            try:
+                return job_from_row(row)
+            except (ValueError, TypeError, KeyError) as exc:  # a malformed row: that job only
+                reason = f"internal error: job row cannot be read: {type(exc).__name__}: {exc}"
+                move(conn, row["id"], JobState.FAILED, reason=reason)
+                logger.error("job %s: %s", row["id"], reason, extra={"job": row["id"]})
 
 
 def requeue_interrupted(store: Store) -> int:
@@ -365,7 +392,8 @@ def requeue_interrupted(store: Store) -> int:
 
 
 def retry_job(store: Store, job_id: int, outbox: Outbox | None) -> str:
-    """Queue a failed or rejected job again: its export when it got that far, else the job.
+    """Queue a failed, rejected or quarantined job again: its export when it got that far
+    (failed only), else the job.
 
     Parameters
     ----------
@@ -389,8 +417,12 @@ def retry_job(store: Store, job_id: int, outbox: Outbox | None) -> str:
     job = get_job(store, job_id)
     if job is None:
         raise InputError(f"no job {job_id}")
-    if job.state not in (JobState.FAILED, JobState.REJECTED):
-        raise InputError(f"job {job_id} is {job.state.value}, not failed")
+    if job.state not in (JobState.FAILED, JobState.REJECTED, JobState.QUARANTINED):
+        raise InputError(f"job {job_id} is {job.state.value}, not failed or quarantined")
+    if job.state is JobState.QUARANTINED:
+        with store.transaction() as conn:
+            move(conn, job_id, JobState.QUEUED, reason=None)
+        return "job"
     if job.t_written and outbox is not None and outbox.retry(job_id):
         return "export"
     with store.transaction() as conn:
@@ -412,6 +444,8 @@ class JobOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     findings: dict[str, Any] = field(default_factory=dict)
     """What the job's ``findings`` column holds (:func:`findings_record`)."""
+    postponed: bool = False
+    """Queued again because the store or the disk failed under it (not counted as a try)."""
 
 
 class JobRunner:
@@ -448,6 +482,8 @@ class JobRunner:
         self.runtime = runtime
         self.outbox = outbox
         self.results_root = results_root or Path(settings.storage.path) / "results"
+        self._stranded: set[int] = set()
+        self._lock = threading.Lock()
 
     def _move(self, job: Job, new: JobState, **fields: Any) -> None:
         with self.store.transaction() as conn:
@@ -472,21 +508,80 @@ class JobRunner:
         JobOutcome
             The final state (``exporting``, ``done``, ``rejected`` or ``failed``) and reason.
         """
+        return self._attempt(job, None)
+
+    def _attempt(self, job: Job, failures: Failures | None) -> JobOutcome:
+        # failures None: one try, a bug fails the job (aenode run); otherwise the job is
+        # queued again and quarantined after failures.limit tries (aenode serve).
         ctx = {"job": job.id, "model": job.model, "study": job.study_uid}
         stage = ["start"]
         try:
-            return self._run(job, ctx, stage)
+            outcome = self._run(job, ctx, stage)
         except (InputError, PeerError) as exc:
             reason = f"{stage[0]}: {exc}"
             logger.error("job failed: %s", reason, extra=ctx)
-        except Exception as exc:  # a bug: visible as such, with its traceback
-            reason = f"internal error: {type(exc).__name__}: {exc}"
-            logger.exception("job failed in %s: %s", stage[0], reason, extra=ctx)
+        except Exception as exc:
+            if failures is not None and is_resource_error(exc):
+                return self._postpone(job, f"{stage[0]}: {describe(exc)}", ctx)
+            reason = f"internal error: {describe(exc)}"
+            if failures is None:  # a bug: visible as such, with its traceback
+                logger.exception("job failed in %s: %s", stage[0], reason, extra=ctx)
+            else:
+                tries = failures.failed(job.id, exc, logger, f"job {job.id} in {stage[0]}", ctx)
+                if failures.exhausted(tries):
+                    failures.clear(job.id)
+                    reason = f"quarantined after {tries} tries: {reason}"
+                    self._record_failure(job, JobState.QUARANTINED, reason, ctx)
+                    return JobOutcome(job, JobState.QUARANTINED, reason)
+                reason = f"try {tries} of {failures.limit} failed: {reason}"
+                self._record_failure(job, JobState.QUEUED, reason, ctx)
+                return JobOutcome(job, JobState.QUEUED, reason)
+        else:
+            if failures is not None:
+                failures.clear(job.id)
+            return outcome
+        self._record_failure(job, JobState.FAILED, reason, ctx)
+        return JobOutcome(job, JobState.FAILED, reason)
+
+    def _record_failure(self, job: Job, state: JobState, reason: str, ctx: dict[str, Any]) -> None:
         try:
-            self._move(job, JobState.FAILED, reason=reason)
+            self._move(job, state, reason=reason)
         except IllegalTransition:  # it got past the point where it can fail
             logger.exception("job %s: cannot record the failure", job.id, extra=ctx)
-        return JobOutcome(job, JobState.FAILED, reason)
+        except Exception as exc:
+            if not is_resource_error(exc):
+                raise
+            self._postpone(job, reason, ctx)
+
+    def _postpone(self, job: Job, reason: str, ctx: dict[str, Any]) -> JobOutcome:
+        """The store or disk failed under the job: queue it again once the store takes it."""
+        reason = f"postponed, store or disk unavailable: {reason}"
+        logger.error("job %s %s", job.id, reason, extra=ctx)
+        try:
+            self._move(job, JobState.QUEUED, reason=reason)
+        except Exception as exc:
+            if not is_resource_error(exc):
+                raise
+            with self._lock:
+                self._stranded.add(job.id or 0)  # the worker loop queues it again later
+        return JobOutcome(job, JobState.QUEUED, reason, postponed=True)
+
+    def _requeue_stranded(self) -> None:
+        """Queue again the jobs a store error left running (the store takes writes again)."""
+        with self._lock:  # each stranded job is taken by one worker only
+            stranded = sorted(self._stranded)
+            self._stranded.clear()
+        for k, job_id in enumerate(stranded):
+            try:
+                with self.store.transaction() as conn:
+                    state = get_state(conn, job_id)
+                    if state in (JobState.RUNNING, JobState.INFERRED):
+                        move(conn, job_id, JobState.QUEUED)
+            except BaseException:
+                with self._lock:
+                    self._stranded.update(stranded[k:])
+                raise
+            logger.warning("job %s queued again after a store error", job_id, extra={"job": job_id})
 
     def _run(self, job: Job, ctx: dict[str, Any], stage: list[str]) -> JobOutcome:
         from aenode.results import write_results
@@ -561,8 +656,18 @@ class JobRunner:
         )
         return JobOutcome(job, state, None, results, timings, record)
 
-    def run_forever(self, stop: threading.Event, wakeup: threading.Event, poll: float) -> None:
+    def run_forever(
+        self,
+        stop: threading.Event,
+        wakeup: threading.Event,
+        poll: float,
+        quarantine_after: int = QUARANTINE_AFTER,
+    ) -> None:
         """Run queued jobs until ``stop`` is set; one job's failure fails that job only.
+
+        A job whose run raises unexpectedly is queued again and quarantined after
+        ``quarantine_after`` tries; a store or disk error (disk full, database locked)
+        queues it again and the worker backs off until the store takes writes again.
 
         Parameters
         ----------
@@ -572,25 +677,25 @@ class JobRunner:
             Set by the dispatcher when it records jobs.
         poll : float
             Seconds between looks at an empty queue.
+        quarantine_after : int
+            Tries of a job that fails with an unexpected error before it is quarantined.
         """
-        while not stop.is_set():
-            try:
-                job = claim_job(self.store)
-            except sqlite3.Error as exc:  # the store is busy or failing: keep trying
-                logger.error("job worker: store error, retrying: %s", exc)
-                stop.wait(1.0)
-                continue
+        failures = Failures(quarantine_after)
+
+        def step() -> bool:
+            self._requeue_stranded()
+            job = claim_job(self.store)
             if job is None:
-                wakeup.wait(poll)
-                wakeup.clear()
-                continue
-            try:
-                self.run(job)
-            except sqlite3.Error as exc:
-                # The failure could not even be recorded; a restart requeues the job.
-                logger.error(
-                    "job %s: store error while recording its outcome: %s",
-                    job.id,
-                    exc,
-                    extra={"job": job.id, "model": job.model},
-                )
+                return False
+            outcome = self._attempt(job, failures)
+            if outcome.postponed:
+                raise Unavailable(
+                    outcome.reason or "store or disk unavailable"
+                )  # back off before the next claim
+            return True
+
+        def idle() -> None:
+            wakeup.wait(poll)
+            wakeup.clear()
+
+        supervise("job worker", step, stop, idle=idle, backoff=Backoff(initial=1.0))

@@ -1,7 +1,9 @@
 """The states of series, jobs, outbox rows, queue items and study roles, with their transitions.
 
 Each state is a :class:`enum.StrEnum` (stored as its value in the store) and the legal
-transitions are written once, in :data:`TRANSITIONS`; :func:`transition` raises
+transitions are written once, in :data:`TRANSITIONS`; every kind has a ``quarantined``
+state for an item that failed the same way repeatedly (see :mod:`aenode.supervise`), left
+only by ``aenode retry``; :func:`transition` raises
 :class:`IllegalTransition` for any other move, so no code path (or test) can write a state
 production never writes.
 """
@@ -32,6 +34,7 @@ class SeriesState(StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
     REJECTED = "rejected"
+    QUARANTINED = "quarantined"
 
 
 class JobState(StrEnum):
@@ -44,6 +47,7 @@ class JobState(StrEnum):
     DONE = "done"
     REJECTED = "rejected"
     FAILED = "failed"
+    QUARANTINED = "quarantined"
 
 
 class OutboxState(StrEnum):
@@ -53,6 +57,7 @@ class OutboxState(StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    QUARANTINED = "quarantined"
 
 
 class QueueState(StrEnum):
@@ -62,6 +67,7 @@ class QueueState(StrEnum):
     CLAIMED = "claimed"
     DONE = "done"
     FAILED = "failed"
+    QUARANTINED = "quarantined"
 
 
 class StudyRuleState(StrEnum):
@@ -70,6 +76,7 @@ class StudyRuleState(StrEnum):
     WAITING = "waiting"
     STARTED = "started"
     MISSING = "missing"
+    QUARANTINED = "quarantined"
 
 
 S = SeriesState
@@ -80,41 +87,49 @@ R = StudyRuleState
 
 TRANSITIONS: Mapping[type[StrEnum], Mapping[StrEnum, frozenset[StrEnum]]] = {
     SeriesState: {
-        S.RECEIVING: frozenset({S.COMPLETE}),
+        # RECEIVING -> QUARANTINED: completing it failed the same way repeatedly.
+        S.RECEIVING: frozenset({S.COMPLETE, S.QUARANTINED}),
         # A complete series whose header or geometry cannot be used.
         S.COMPLETE: frozenset({S.REJECTED}),
         S.REJECTED: frozenset(),
+        # `aenode retry --quarantined`: back to the assembler.
+        S.QUARANTINED: frozenset({S.RECEIVING}),
     },
     JobState: {
         # QUEUED -> REJECTED: a study rule's required role never came (recorded, never run).
         J.QUEUED: frozenset({J.RUNNING, J.REJECTED}),
         # RUNNING -> QUEUED and INFERRED -> QUEUED: a restart resumes a half-done job.
-        J.RUNNING: frozenset({J.INFERRED, J.REJECTED, J.FAILED, J.QUEUED}),
-        J.INFERRED: frozenset({J.EXPORTING, J.DONE, J.FAILED, J.QUEUED}),
+        # -> QUARANTINED: the same unexpected error on every try (a dead letter).
+        J.RUNNING: frozenset({J.INFERRED, J.REJECTED, J.FAILED, J.QUEUED, J.QUARANTINED}),
+        J.INFERRED: frozenset({J.EXPORTING, J.DONE, J.FAILED, J.QUEUED, J.QUARANTINED}),
         J.EXPORTING: frozenset({J.DONE, J.FAILED}),
         J.DONE: frozenset(),
         # `aenode retry`: the export again, or the whole job.
         J.REJECTED: frozenset({J.QUEUED}),
         J.FAILED: frozenset({J.QUEUED, J.EXPORTING}),
+        J.QUARANTINED: frozenset({J.QUEUED}),
     },
     OutboxState: {
         O.PENDING: frozenset({O.SENDING}),
         # SENDING -> PENDING: a retry later, or a restart after a process died mid-send.
-        O.SENDING: frozenset({O.PENDING, O.SENT, O.FAILED}),
+        O.SENDING: frozenset({O.PENDING, O.SENT, O.FAILED, O.QUARANTINED}),
         O.SENT: frozenset(),
         O.FAILED: frozenset({O.PENDING}),
+        O.QUARANTINED: frozenset({O.PENDING}),
     },
     QueueState: {
         Q.READY: frozenset({Q.CLAIMED}),
-        Q.CLAIMED: frozenset({Q.DONE, Q.FAILED, Q.READY}),
+        Q.CLAIMED: frozenset({Q.DONE, Q.FAILED, Q.READY, Q.QUARANTINED}),
         Q.DONE: frozenset(),
         Q.FAILED: frozenset(),
+        Q.QUARANTINED: frozenset({Q.READY}),
     },
     StudyRuleState: {
-        R.WAITING: frozenset({R.STARTED, R.MISSING}),
+        R.WAITING: frozenset({R.STARTED, R.MISSING, R.QUARANTINED}),
         R.STARTED: frozenset(),
         # A late series of the missing role still starts the rule.
         R.MISSING: frozenset({R.STARTED}),
+        R.QUARANTINED: frozenset({R.WAITING}),
     },
 }
 

@@ -7,15 +7,17 @@ Read-only: every figure comes from a query function of the table's owner
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aenode.assemble import SERIES_TOPIC, SeriesRecord, recent_series
 from aenode.config import Settings
 from aenode.errors import InputError
 from aenode.jobs import JobRecord, recent_jobs
+from aenode.quarantine import quarantined_items
 from aenode.states import QueueState
 from aenode.store import Store
+from aenode.supervise import Quarantined
 
 __all__ = ["StatusReport", "open_store", "status_report"]
 
@@ -32,11 +34,15 @@ class StatusReport:
         ``series.complete`` queue items per state.
     jobs : list of JobRecord
         Newest first.
+    quarantined : list of Quarantined
+        Every item set aside after repeated failures (series, hand-overs, study rules,
+        jobs, exports), with the reason; ``aenode retry`` takes them out.
     """
 
     series: list[SeriesRecord]
     handover: dict[QueueState, int]
     jobs: list[JobRecord]
+    quarantined: list[Quarantined] = field(default_factory=list)
 
 
 def open_store(settings: Settings) -> Store:
@@ -71,4 +77,5 @@ def status_report(store: Store, limit: int = 50) -> StatusReport:
         series=recent_series(store, limit),
         handover=store.counts(SERIES_TOPIC),
         jobs=recent_jobs(store, limit),
+        quarantined=quarantined_items(store),
     )

@@ -398,6 +398,34 @@ class Store:
         else:
             self._move(item_id, QueueState.READY, error=error, not_before=retry_at)
 
+    def quarantine(self, item_id: int, error: str) -> None:
+        """Set a claimed item aside after repeated failures (``aenode retry`` releases it)."""
+        self._move(item_id, QueueState.QUARANTINED, error=error)
+
+    def quarantined(self, topic: str) -> list[tuple[str, str | None]]:
+        """The quarantined items of ``topic``: (key, error), oldest first."""
+        rows = self.execute(
+            "SELECT key, error FROM queue WHERE topic=? AND state=? ORDER BY id",
+            (topic, QueueState.QUARANTINED),
+        )
+        return [(r["key"], r["error"]) for r in rows]
+
+    def release_quarantined(self, topic: str) -> int:
+        """Make the quarantined items of ``topic`` ready again, with a fresh count of tries.
+
+        Returns
+        -------
+        int
+            How many items were released.
+        """
+        ready = transition(QueueState.QUARANTINED, QueueState.READY)
+        with self._lock:
+            return self._conn.execute(
+                "UPDATE queue SET state=?, attempts=0, not_before=0, updated_at=?"
+                " WHERE topic=? AND state=?",
+                (ready, time.time(), topic, QueueState.QUARANTINED),
+            ).rowcount
+
     def has_ready(self, topic: str) -> bool:
         """True if an item of ``topic`` is ready to be claimed (now or later)."""
         return bool(

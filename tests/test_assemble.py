@@ -223,4 +223,7 @@ def test_assembler_survives_a_store_error(
     assembler.poll = flaky  # type: ignore[method-assign]
     assembler.run(stop)
     assert len(calls) == 2
-    assert "assembler poll failed, retrying in 1 s: database is locked" in caplog.text
+    assert "assembler: store or disk unavailable, retrying with back-off: database is locked" in (
+        caplog.text
+    )
+    assert "assembler: resumed after 1 failed round(s)" in caplog.text

@@ -157,8 +157,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--limit", type=int, default=50, help="at most this many jobs")
 
-    p = command("retry", "store:command_retry", "queue a failed job's export (or job) again")
-    p.add_argument("job", type=int, help="the job's id (aenode jobs)")
+    p = command(
+        "retry",
+        "store:command_retry",
+        "queue a failed or quarantined job's export (or job) again; --quarantined: all",
+    )
+    p.add_argument("job", type=int, nargs="?", help="the job's id (aenode jobs)")
+    p.add_argument(
+        "--quarantined",
+        action="store_true",
+        help="take every quarantined item (series, hand-over, study rule, job, export) out",
+    )
     return parser
 
 

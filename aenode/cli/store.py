@@ -14,6 +14,7 @@ from aenode.errors import InputError
 from aenode.export.outbox import Outbox
 from aenode.health import read_refusal
 from aenode.jobs import JobRecord, recent_jobs, retry_job
+from aenode.quarantine import release_quarantined
 from aenode.status import open_store, status_report
 
 __all__ = ["command_jobs", "command_retry", "command_status", "findings_text"]
@@ -36,6 +37,14 @@ def _job_dict(job: JobRecord) -> dict[str, Any]:
     return {**asdict(job), "state": job.state.value}
 
 
+def _print_quarantined(items: list[dict[str, Any]]) -> None:
+    if not items:
+        return
+    print(f"quarantined: {len(items)} item(s) (aenode retry --quarantined takes them out)")
+    for q in items:
+        print(f"  {q['kind']:8}  {q['key']}: {q['reason'] or '-'}")
+
+
 def command_status(args: argparse.Namespace, settings: Settings) -> int:
     """``aenode status [--json] [--limit N]``: recent series (with why one was rejected) and jobs.
 
@@ -56,17 +65,25 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
     series = [{**asdict(s), "state": s.state.value} for s in report.series]
     jobs = [_job_dict(j) for j in report.jobs]
     refusing = read_refusal(Path(settings.storage.path))
+    quarantined = [asdict(q) for q in report.quarantined]
     if args.json:
         handover = {state.value: n for state, n in report.handover.items()}
         print(
             json.dumps(
-                {"refusing": refusing, "series": series, "handover": handover, "jobs": jobs},
+                {
+                    "refusing": refusing,
+                    "series": series,
+                    "handover": handover,
+                    "jobs": jobs,
+                    "quarantined": quarantined,
+                },
                 indent=2,
             )
         )
         return 0
     if refusing:
         print(f"node refusing new C-STOREs (0xA700): {refusing}")
+    _print_quarantined(quarantined)
     if not series and not jobs:
         print("no series received yet")
         return 0
@@ -132,29 +149,42 @@ def command_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def command_retry(args: argparse.Namespace, settings: Settings) -> int:
-    """``aenode retry JOB``: queue a failed job again (its export, or the whole job).
+    """``aenode retry JOB | --quarantined``: queue a failed job again, or free the quarantine.
 
     A job that failed while exporting gets its outbox rows queued again; one that failed
-    or was rejected before is queued to run again from its series. A running ``aenode serve``
-    picks it up.
+    or was rejected before (or was quarantined) is queued to run again from its series.
+    ``--quarantined`` takes every quarantined item out
+    (:func:`aenode.quarantine.release_quarantined`).
+    A running ``aenode serve`` picks them up.
 
     Returns
     -------
     int
-        0 when queued; 1 when the job does not exist or is not failed.
+        0 when queued; 1 when the job does not exist or is not failed or quarantined.
     """
     try:
         store = open_store(settings)
     except InputError as exc:
         print(f"aenode: {exc}")
         return 1
+    outbox = Outbox(store, settings.export, settings.calling_ae)
     try:
-        what = retry_job(store, args.job, Outbox(store, settings.export, settings.calling_ae))
+        if args.quarantined:
+            released = release_quarantined(store, outbox)
+        elif args.job is None:
+            print("aenode retry: give a job id or --quarantined")
+            return 1
+        else:
+            what = retry_job(store, args.job, outbox)
     except InputError as exc:
         print(f"aenode retry: {exc}")
         return 1
     finally:
         store.close()
+    if args.quarantined:
+        counts = ", ".join(f"{n} {kind}" for kind, n in released.items() if n)
+        print(f"out of quarantine: {counts or 'nothing was quarantined'}")
+        return 0
     print(
         f"job {args.job}: " + ("export queued again" if what == "export" else "queued to run again")
     )

@@ -7,6 +7,9 @@ retry sends only the rest, so no object is sent twice), the number of tries, whe
 next is due and the last error. Back-off doubles from ``retry.initial_seconds`` up to
 ``retry.max_interval_seconds``; ``retry.give_up_after_seconds`` after the first try the
 row and its job become ``failed`` with the reason, which ``aenode retry`` can reset.
+A row whose handling raises unexpectedly is due again later and ``quarantined`` after
+:data:`aenode.supervise.QUARANTINE_AFTER` tries (its job ``failed``, retried the same way);
+a store error ends the round, the loop backs off and hands the claimed rows back.
 """
 
 from __future__ import annotations
@@ -29,8 +32,16 @@ from aenode.errors import InputError
 from aenode.export.scu import SendOutcome, send_files
 from aenode.states import JobState, OutboxState, transition
 from aenode.store import Store
+from aenode.supervise import Failures, Quarantined, describe, is_resource_error, supervise
 
-__all__ = ["Outbox", "OutboxError", "backoff_seconds", "destination_key", "parse_destination"]
+__all__ = [
+    "Outbox",
+    "OutboxError",
+    "backoff_seconds",
+    "destination_key",
+    "parse_destination",
+    "quarantined_exports",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +95,18 @@ def _file_entries(files: Sequence[Path]) -> list[dict[str, Any]]:
     return entries
 
 
+def quarantined_exports(store: Store) -> list[Quarantined]:
+    """Outbox rows set aside after repeated unexpected failures (``aenode status``)."""
+    rows = store.execute(
+        "SELECT id, job_id, destination, last_error FROM outbox WHERE state=? ORDER BY id",
+        (OutboxState.QUARANTINED,),
+    )
+    return [
+        Quarantined("export", f"job {r['job_id']} -> {r['destination']}", r["last_error"])
+        for r in rows
+    ]
+
+
 class Outbox:
     """Durable delivery of result files to the configured destinations.
 
@@ -101,6 +124,7 @@ class Outbox:
         self.store = store
         self.settings = settings
         self.calling_ae = calling_ae
+        self.failures = Failures()
 
     # -- queueing ---------------------------------------------------------------------
 
@@ -173,7 +197,7 @@ class Outbox:
         return len(rows)
 
     def retry(self, job_id: int) -> bool:
-        """Queue a job's failed rows again, with a fresh retry budget.
+        """Queue a job's failed (or quarantined) rows again, with a fresh retry budget.
 
         Returns
         -------
@@ -183,7 +207,8 @@ class Outbox:
         now = time.time()
         with self.store.transaction() as conn:
             rows = conn.execute(
-                "SELECT id FROM outbox WHERE job_id=? AND state=?", (job_id, OutboxState.FAILED)
+                "SELECT id FROM outbox WHERE job_id=? AND state IN (?, ?)",
+                (job_id, OutboxState.FAILED, OutboxState.QUARANTINED),
             ).fetchall()
             for row in rows:
                 self._move(
@@ -200,6 +225,19 @@ class Outbox:
         if count:
             log.info("export queued again (%d destination(s))", count, extra={"job": job_id})
         return count > 0
+
+    def release_quarantined(self) -> int:
+        """``aenode retry --quarantined``: queue every quarantined row again (see :meth:`retry`).
+
+        Returns
+        -------
+        int
+            How many jobs had rows queued again.
+        """
+        rows = self.store.execute(
+            "SELECT DISTINCT job_id FROM outbox WHERE state=?", (OutboxState.QUARANTINED,)
+        )
+        return sum(1 for r in rows if self.retry(int(r["job_id"])))
 
     # -- sending ----------------------------------------------------------------------
 
@@ -229,8 +267,44 @@ class Outbox:
         clock = time.time() if now is None else now
         rows = self._claim(clock)
         for row in rows:
-            self._handle(row, clock if now is not None else time.time())
+            t = clock if now is not None else time.time()
+            try:
+                self._handle(row, t)
+            except Exception as exc:
+                if is_resource_error(exc):
+                    raise  # the loop backs off; recover() hands the claimed rows back
+                self._unexpected(row, t, exc)
         return len(rows)
+
+    def _unexpected(self, row: sqlite3.Row, now: float, exc: Exception) -> None:
+        """A row whose handling raised: due again later, quarantined after a few tries."""
+        ctx = {"job": row["job_id"], "dest": row["destination"]}
+        attempts = int(row["attempts"] or 0) + 1
+        tries = self.failures.failed(
+            row["id"], exc, log, f"export row {row['id']}", ctx, tries=attempts
+        )
+        reason = f"internal error: {describe(exc)}"
+        with self.store.transaction() as conn:
+            if not self.failures.exhausted(tries):
+                retry = self.settings.retry
+                delay = backoff_seconds(tries, retry.initial_seconds, retry.max_interval_seconds)
+                self._move(
+                    conn,
+                    row["id"],
+                    OutboxState.PENDING,
+                    attempts=attempts,
+                    next_try_at=now + delay,
+                    last_error=reason,
+                )
+                return
+            why = f"export to {row['destination']} quarantined after {tries} tries: {reason}"
+            self._move(conn, row["id"], OutboxState.QUARANTINED, attempts=attempts, last_error=why)
+            # The job shows it as failed: `aenode retry JOB` queues the row again.
+            if jobs.get_state(conn, row["job_id"]) == JobState.EXPORTING:
+                jobs.move(conn, row["job_id"], JobState.FAILED, reason=why)
+            else:
+                jobs.note(conn, row["job_id"], why)
+        log.error("export row quarantined: %s", why, extra=ctx)
 
     def _handle(self, row: sqlite3.Row, now: float) -> None:
         key = row["destination"]
@@ -355,18 +429,14 @@ class Outbox:
             Longest sleep between rounds (new rows are picked up within it).
         """
         self.recover()
-        while not stop.is_set():
-            try:
-                handled = self.run_due()
-            except sqlite3.Error:
-                # The store is busy or failing: the rows stay in it; hand back those this
-                # loop had claimed and try again after a pause.
-                log.exception("export round failed on the store; retrying")
-                stop.wait(poll_seconds)
-                self.recover()
-                continue
-            if handled:
-                continue
+
+        def step() -> bool:
+            return self.run_due() > 0
+
+        def idle() -> None:
             due = self.next_due()
             wait = poll_seconds if due is None else min(poll_seconds, due - time.time())
             stop.wait(max(wait, 0.01))
+
+        # After a store error, the rows this loop had claimed are handed back (recover).
+        supervise("outbox", step, stop, idle=idle, on_resume=self.recover)

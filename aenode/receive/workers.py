@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -23,6 +24,7 @@ from aenode.config import Settings
 from aenode.errors import AenodeError
 from aenode.receive.guard import AssociationSlots, shared_counts
 from aenode.receive.scp import serve_receiver
+from aenode.supervise import Backoff
 
 __all__ = ["ReceiverError", "ReceiverPool", "receiver_count"]
 
@@ -100,6 +102,8 @@ class ReceiverPool:
         self._stopping = False
         # The node-wide association count: one entry per process, shared with the children.
         self._counts = shared_counts(self.count)
+        self._backoff: dict[int, Backoff] = {}
+        self._next_try: dict[int, float] = {}
 
     def _spawn(self, timeout: float, index: int) -> BaseProcess:
         parent_conn, child_conn = self._ctx.Pipe(duplex=False)
@@ -144,15 +148,31 @@ class ReceiverPool:
         )
 
     def check(self) -> int:
-        """Restart receiving processes that exited; returns how many were restarted."""
+        """Restart receiving processes that exited; returns how many were restarted.
+
+        A restart that fails is logged and tried again after a doubling pause (1 s up to
+        30 s); it never raises, so the node's supervision loop goes on.
+        """
         restarted = 0
+        now = time.monotonic()
         for i, proc in enumerate(self._procs):
-            if self._stopping or proc.is_alive():
+            if self._stopping or proc.is_alive() or self._next_try.get(i, 0.0) > now:
                 continue
             log.error(
                 "receiving process %s exited with code %s: restarting", proc.pid, proc.exitcode
             )
-            self._procs[i] = self._spawn(30.0, i)
+            try:
+                self._procs[i] = self._spawn(30.0, i)
+            except (ReceiverError, OSError) as exc:
+                # The port is taken or the process cannot start: the others go on receiving
+                # and this one is tried again after a doubling pause.
+                delay = self._backoff.setdefault(i, Backoff(initial=1.0)).failed()
+                self._next_try[i] = time.monotonic() + delay
+                log.error("receiving process %d not restarted, again in %.0f s: %s", i, delay, exc)
+                continue
+            if i in self._backoff:
+                self._backoff.pop(i).succeeded()
+            self._next_try.pop(i, None)
             restarted += 1
         return restarted
 

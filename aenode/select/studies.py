@@ -36,6 +36,7 @@ from aenode.records import Job, SeriesInfo
 from aenode.select.rules import Rule, evaluate, match_series
 from aenode.states import JobState, StudyRuleState, transition
 from aenode.store import Store
+from aenode.supervise import Failures, Quarantined, describe, is_resource_error
 
 if TYPE_CHECKING:
     from aenode.infer.cards import ModelCard
@@ -46,6 +47,8 @@ __all__ = [
     "StudyTracker",
     "check_rule_roles",
     "job_from_row",
+    "quarantined_studies",
+    "release_quarantined_studies",
     "role_requirements",
     "role_waits",
     "series_from_json",
@@ -149,6 +152,33 @@ def _move(
     )
 
 
+def quarantined_studies(store: Store) -> list[Quarantined]:
+    """Study rules set aside after repeated failures to decide them (``aenode status``)."""
+    rows = store.execute(
+        "SELECT rule, study_uid, reason FROM select_studies WHERE state=? ORDER BY last_match",
+        (StudyRuleState.QUARANTINED,),
+    )
+    return [Quarantined("study", f"{r['rule']}:{r['study_uid']}", r["reason"]) for r in rows]
+
+
+def release_quarantined_studies(store: Store) -> int:
+    """``aenode retry --quarantined``: quarantined study rules wait (and are decided) again.
+
+    Returns
+    -------
+    int
+        How many were released.
+    """
+    with store.transaction() as conn:
+        rows = conn.execute(
+            "SELECT rule, study_uid FROM select_studies WHERE state=?",
+            (StudyRuleState.QUARANTINED,),
+        ).fetchall()
+        for row in rows:
+            _move(conn, row["rule"], row["study_uid"], StudyRuleState.WAITING, None)
+    return len(rows)
+
+
 class StudyTracker:
     """Turns complete series into jobs; remembers study roles across restarts.
 
@@ -184,6 +214,7 @@ class StudyTracker:
         self.role_requirements = {m: dict(r) for m, r in role_requirements.items()}
         self.timeout = timeout
         self.waits = {m: dict(w) for m, w in (waits or {}).items()}
+        self.failures = Failures()
 
     def _ready(self, rule: Rule, absent: Sequence[str], waited: float) -> bool:
         """Whether every model of ``rule`` can start without the ``absent`` roles now.
@@ -337,6 +368,15 @@ class StudyTracker:
         row = conn.execute(
             "SELECT state FROM select_studies WHERE rule=? AND study_uid=?", (rule.name, study)
         ).fetchone()
+        if row is not None and row["state"] == StudyRuleState.QUARANTINED:
+            log.warning(
+                "rule %s is quarantined for this study (aenode retry --quarantined); series "
+                "for role %s not used",
+                rule.name,
+                role,
+                extra=extra,
+            )
+            return []
         if row is not None and row["state"] == StudyRuleState.STARTED:
             log.info(
                 "rule %s already started for this study; series for role %s not used",
@@ -406,58 +446,83 @@ class StudyTracker:
         """
         now = time.time() if now is None else now
         jobs: list[Job] = []
-        with self.store.transaction() as conn:
-            rows = conn.execute(
-                "SELECT rule, study_uid, last_match FROM select_studies WHERE state=?",
-                (StudyRuleState.WAITING,),
-            ).fetchall()
-            for row in rows:
-                rule = self._by_name.get(row["rule"])
-                study = row["study_uid"]
-                waited = now - row["last_match"]
-                if rule is None:
-                    if waited < self.timeout:
-                        continue
-                    gone = f"rule {row['rule']} is no longer configured"
-                    _move(conn, row["rule"], study, StudyRuleState.MISSING, gone)
-                    continue
-                present = self._roles(conn, rule, study)
-                absent = [r for r in rule.roles if r not in present]
-                if waited < self.timeout:
-                    # Before the timeout only optional roles' wait_seconds can run out.
-                    if not self._ready(rule, absent, waited):
-                        continue
-                    log.info(
-                        "rule %s: starting without optional role(s) %s after %.0f s",
-                        rule.name,
-                        ", ".join(absent),
-                        waited,
-                        extra={"study": study},
-                    )
-                reasons = []
-                started = False
-                anchored = next(iter(rule.roles)) in present
-                for model in rule.models:
-                    needs = self.role_requirements.get(model, {})
-                    required = [r for r in absent if needs.get(r, True)]
-                    if required:
-                        reasons.append(
-                            f"model {model}: required role(s) {', '.join(required)} missing "
-                            f"after {self.timeout:g} s"
-                        )
-                        if anchored:
-                            self._reject(conn, rule, model, study, present, required, now)
-                        continue
-                    started = True
-                    job = self._record(conn, rule, model, study, present, now)
-                    if job is not None:
-                        jobs.append(job)
-                reason = "; ".join(reasons) or None
-                state = StudyRuleState.STARTED if started else StudyRuleState.MISSING
-                _move(conn, rule.name, study, state, reason)
-                if reason:
-                    level = logging.WARNING if anchored else logging.INFO
-                    log.log(level, "rule %s: %s", rule.name, reason, extra={"study": study})
+        rows = self.store.execute(
+            "SELECT rule, study_uid FROM select_studies WHERE state=?",
+            (StudyRuleState.WAITING,),
+        )
+        for row in rows:
+            # One transaction per study, so that one that fails fails alone.
+            try:
+                with self.store.transaction() as conn:
+                    jobs.extend(self._decide(conn, row["rule"], row["study_uid"], now))
+            except Exception as exc:
+                if is_resource_error(exc):
+                    raise
+                self._failed(row["rule"], row["study_uid"], exc)
+        return jobs
+
+    def _failed(self, rule: str, study: str, exc: Exception) -> None:
+        key = (rule, study)
+        what = f"rule {rule}: study decision"
+        tries = self.failures.failed(key, exc, log, what, {"study": study})
+        if self.failures.exhausted(tries):
+            reason = f"quarantined after {tries} tries: internal error: {describe(exc)}"
+            with self.store.transaction() as conn:
+                _move(conn, rule, study, StudyRuleState.QUARANTINED, reason)
+            self.failures.clear(key)
+
+    def _decide(self, conn: sqlite3.Connection, name: str, study: str, now: float) -> list[Job]:
+        jobs: list[Job] = []
+        fresh = conn.execute(
+            "SELECT state, last_match FROM select_studies WHERE rule=? AND study_uid=?",
+            (name, study),
+        ).fetchone()
+        if fresh is None or fresh["state"] != StudyRuleState.WAITING:
+            return jobs
+        waited = now - fresh["last_match"]
+        rule = self._by_name.get(name)
+        if rule is None:
+            if waited >= self.timeout:
+                gone = f"rule {name} is no longer configured"
+                _move(conn, name, study, StudyRuleState.MISSING, gone)
+            return jobs
+        present = self._roles(conn, rule, study)
+        absent = [r for r in rule.roles if r not in present]
+        if waited < self.timeout:
+            # Before the timeout only optional roles' wait_seconds can run out.
+            if not self._ready(rule, absent, waited):
+                return jobs
+            log.info(
+                "rule %s: starting without optional role(s) %s after %.0f s",
+                rule.name,
+                ", ".join(absent),
+                waited,
+                extra={"study": study},
+            )
+        reasons = []
+        started = False
+        anchored = next(iter(rule.roles)) in present
+        for model in rule.models:
+            needs = self.role_requirements.get(model, {})
+            required = [r for r in absent if needs.get(r, True)]
+            if required:
+                reasons.append(
+                    f"model {model}: required role(s) {', '.join(required)} missing "
+                    f"after {self.timeout:g} s"
+                )
+                if anchored:
+                    self._reject(conn, rule, model, study, present, required, now)
+                continue
+            started = True
+            job = self._record(conn, rule, model, study, present, now)
+            if job is not None:
+                jobs.append(job)
+        reason = "; ".join(reasons) or None
+        state = StudyRuleState.STARTED if started else StudyRuleState.MISSING
+        _move(conn, rule.name, study, state, reason)
+        if reason:
+            level = logging.WARNING if anchored else logging.INFO
+            log.log(level, "rule %s: %s", rule.name, reason, extra={"study": study})
         return jobs
 
     def _reject(

@@ -137,7 +137,7 @@ def test_aenode_serve_on_a_disk_that_fills_keeps_serving_and_finishes_the_study(
         },
     )
     node.storage = tmpfs / "var"
-    node.start()
+    node.start(timeout=120)  # models load first: slow on a shared CPU
     try:
         deadline = time.monotonic() + 120
         while "model hippocampus warm" not in node.log_text():

@@ -19,7 +19,15 @@ if TYPE_CHECKING:
 
     from aenode.tilt import GeometryCorrection
 
-__all__ = ["Finding", "FindingCode", "Job", "Prediction", "SeriesInfo", "Volume"]
+__all__ = [
+    "Finding",
+    "FindingCode",
+    "Job",
+    "Measurement",
+    "Prediction",
+    "SeriesInfo",
+    "Volume",
+]
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,33 @@ class Finding:
     code: FindingCode | None = None
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """One numeric result of a model (a volume, a ratio, a probability).
+
+    The SR writer puts each one in a numeric content item; the report page lists them.
+
+    Attributes
+    ----------
+    name : str
+        What was measured, e.g. ``"Infarct core volume"``.
+    value : float
+        The value in ``unit``.
+    unit : str
+        UCUM unit: ``"ml"``, ``"mm3"``, ``"{ratio}"``, ``"1"``.
+    code : FindingCode or None
+        Concept name code for the SR numeric item (DCM, SCT, ...); None gives a local code.
+    probability : bool
+        True when ``value`` is a probability in [0, 1] (the SR concept then reads as one).
+    """
+
+    name: str
+    value: float
+    unit: str
+    code: FindingCode | None = None
+    probability: bool = False
+
+
 @dataclass
 class Prediction:
     """What a model produced for one job, in the geometry of the input series.
@@ -177,6 +212,13 @@ class Prediction:
         fixed size, a missing optional role filled with zeros).
     extra : dict
         Device and batch size of the run.
+    measurements : list of Measurement
+        Numeric results (volumes, ratios, probabilities) for the SR and the report page.
+    key_slices : list of int
+        Slice indices (k, in the order of the reference Volume's ``datasets``) that drove
+        the result; the SR references them and the report page shows them.
+    display_window : tuple of float or None
+        ``(center, width)`` for the report page's images, e.g. ``(40, 80)``; None: automatic.
     """
 
     model: str
@@ -190,3 +232,6 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    measurements: list[Measurement] = field(default_factory=list)
+    key_slices: list[int] = field(default_factory=list)
+    display_window: tuple[float, float] | None = None

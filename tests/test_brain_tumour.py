@@ -208,8 +208,10 @@ def test_run_study1_tumour_seg_and_sr(data_dir: Path, study1_run: dict[str, Any]
     seg_ml = float(np.count_nonzero(mask)) * voxel / 1000.0
     assert 40.0 < seg_ml < 150.0  # one large lesion (92 ml on 12 slices when measured)
     numeric = _numeric_items(objects[SR].ContentSequence)
-    ml = [v for name, v, unit in numeric if unit == "ml" and "abnormality" in name.lower()]
-    assert ml and ml[0] == pytest.approx(seg_ml, rel=1e-4), numeric
+    scale = {"ml": 1.0, "mm3": 1e-3}
+    volumes = [v * scale[u] for name, v, u in numeric if "volume" in name.lower() and u in scale]
+    assert volumes, numeric
+    assert all(v == pytest.approx(seg_ml, rel=1e-4) for v in volumes), (seg_ml, numeric)
     probability = [v for name, v, _ in numeric if "probability" in name.lower()]
     assert probability and 0.9 <= probability[0] <= 1.0, numeric
 
@@ -243,7 +245,8 @@ def test_evaluate_predictions_round_trip_brain_tumour(
         # The node reproduces the card's held-out per-patient Dice.
         assert recomputed == pytest.approx(card[row["case"]]["dice"], abs=0.005)
     presence = report["slice_presence"]
-    assert presence["slices"] == 40 and presence["auc"] > 0.9
+    assert presence["slices"] == 40 and presence["positive_slices"] == 16
+    assert presence["auc"] > 0.85 and presence["specificity"] > 0.95, presence
 
 
 def _card_cases() -> list[dict[str, Any]]:

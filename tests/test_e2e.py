@@ -271,10 +271,13 @@ def test_both_models_results_reach_the_study(tmp_path: Path, data_dir: Path) -> 
         for frame in seg.PerFrameFunctionalGroupsSequence:
             src = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
             assert src in flair
-        mask = seg.get_volume(segment_numbers=[1], combine_segments=True).array
+        volume = seg.get_volume(segment_numbers=[1], combine_segments=True)
         sr = _download(orthanc, tumour[SR][0])
-        ml = [v for n, v, u in _numeric(sr.ContentSequence) if u == "ml"]
-        assert ml and 40 < ml[0] < 150 and np.count_nonzero(mask) > 1000
+        scale = {"ml": 1.0, "mm3": 1e-3}
+        ml = [v * scale[u] for n, v, u in _numeric(sr.ContentSequence) if u in scale]
+        seg_ml = np.count_nonzero(volume.array) * float(np.prod(volume.spacing)) / 1000.0
+        assert 40 < seg_ml < 150, seg_ml  # one large lesion (92.5 ml measured)
+        assert ml and all(v == pytest.approx(seg_ml, rel=1e-4) for v in ml), (seg_ml, ml)
         jobs = node.query("SELECT model, state FROM jobs ORDER BY model")
         assert [(j["model"], j["state"]) for j in jobs] == [
             ("brain-tumour", "done"),

@@ -132,6 +132,14 @@ def _numeric_items(items: Any) -> list[tuple[str, float, str]]:
     return found
 
 
+def _items(items: Any) -> list[Any]:
+    out: list[Any] = []
+    for item in items or []:
+        out.append(item)
+        out += _items(getattr(item, "ContentSequence", None))
+    return out
+
+
 @pytest.fixture(scope="module")
 def study1_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("run")
@@ -208,12 +216,26 @@ def test_run_study1_tumour_seg_and_sr(data_dir: Path, study1_run: dict[str, Any]
     seg_ml = float(np.count_nonzero(mask)) * voxel / 1000.0
     assert 40.0 < seg_ml < 150.0  # one large lesion (92 ml on 12 slices when measured)
     numeric = _numeric_items(objects[SR].ContentSequence)
-    scale = {"ml": 1.0, "mm3": 1e-3}
-    volumes = [v * scale[u] for name, v, u in numeric if "volume" in name.lower() and u in scale]
-    assert volumes, numeric
-    assert all(v == pytest.approx(seg_ml, rel=1e-4) for v in volumes), (seg_ml, numeric)
-    probability = [v for name, v, _ in numeric if "probability" in name.lower()]
-    assert probability and 0.9 <= probability[0] <= 1.0, numeric
+    # The SEG segment's volume group (mm3) and the model's measurement (ml) agree with it.
+    ml = [v for name, v, u in numeric if name == "Volume" and u == "ml"]
+    mm3 = [v for name, v, u in numeric if name == "Volume" and u == "mm3"]
+    assert len(ml) == 1 and len(mm3) == 1, numeric
+    assert ml[0] == pytest.approx(seg_ml, rel=1e-4) and mm3[0] == pytest.approx(1000 * seg_ml)
+    probability = [v for name, v, u in numeric if name == "Tumour presence probability"]
+    assert len(probability) == 1 and 0.9 <= probability[0] <= 1.0, numeric
+    # The key slices referenced by the measurements are the slices of largest extent.
+    keys = {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in _items(objects[SR].ContentSequence)
+        if getattr(item, "ValueType", "") == "IMAGE"
+        and item.ConceptNameCodeSequence[0].CodeMeaning == "Source of Measurement"
+    }
+    area: dict[str, int] = {}
+    for i, frame in enumerate(frames):
+        src = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        area[str(src)] = int(np.count_nonzero(seg.pixel_array[i]))
+    largest = sorted(area, key=lambda uid: -area[uid])[:3]
+    assert keys == set(largest)
 
 
 # -- evaluate --predictions ---------------------------------------------------------------

@@ -45,7 +45,7 @@ def _load(package: Path) -> Registry:
 
 def test_shipped_package_loads() -> None:
     registry = Registry.load(ModelsSettings(path=ROOT / "models"))
-    assert registry.names() == ["hippocampus"]
+    assert {"hippocampus", "brain-tumour"} <= set(registry.names())
     card = registry.card("hippocampus")
     assert card.task == "segmentation"
     assert [label.value for label in card.outputs.labels] == [1, 2]
@@ -54,8 +54,11 @@ def test_shipped_package_loads() -> None:
     net = registry.get("hippocampus").network
     assert not net.training
     assert all(p.dtype == torch.float32 for p in net.parameters())
-    with pytest.raises(KeyError, match=r"model 'nope' is not loaded \(loaded: \['hippocampus'\]\)"):
+    with pytest.raises(KeyError, match=r"model 'nope' is not loaded \(loaded: \[.*'hippocampus'"):
         registry.get("nope")
+    tumour = registry.get("brain-tumour")
+    assert tumour.card.runtime.format == "python" and tumour.state is not None
+    assert not tumour.state.network.training
 
 
 def test_missing_weights_file(package: Path) -> None:

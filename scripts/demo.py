@@ -140,7 +140,9 @@ def _sr_lines(path: Path) -> list[str]:
             if kind == "NUM" and "MeasuredValueSequence" in item:
                 mv = item.MeasuredValueSequence[0]
                 unit = mv.MeasurementUnitsCodeSequence[0].CodeValue
-                lines.append(f"SR {name}: {float(mv.NumericValue):.4g} {unit}")
+                value = float(mv.NumericValue)
+                shown = f"{value:.3f}" if unit == "1" else f"{value:.4g} {unit}"
+                lines.append(f"SR {name}: {shown}")
             elif kind == "CODE" and name == "Finding":
                 lines.append(f"SR finding: {item.ConceptCodeSequence[0].CodeMeaning}")
             walk(getattr(item, "ContentSequence", None))

@@ -45,6 +45,7 @@ def _setup(tmp: Path, lua: str) -> tuple[Orthanc, NodeProcess]:
         tmp / "node",
         {
             "node": {"port": node_port},
+            "models": {"enabled": None},  # every shipped model, as config.yaml
             "selection": default["selection"],
             "series": {"quiet_seconds": 2.0},
             "export": {

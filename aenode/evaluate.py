@@ -43,11 +43,14 @@ __all__ = [
     "read_labels_csv",
     "read_roles",
     "score_segmentation",
+    "write_prediction",
 ]
 
 log = logging.getLogger(__name__)
 
 _NIFTI = (".nii.gz", ".nii")
+# Per-case entries of a segmentation report that are not per-label metrics.
+_NOT_METRICS = ("case", "prediction", "slice_scores", "slice_truth")
 
 
 def label_key(name: str) -> str:
@@ -287,6 +290,7 @@ def evaluate_segmentation(
     card: ModelCard,
     cases: list[tuple[str, Path, Path]],
     progress: Callable[[str], None] | None = None,
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
     """Run a segmentation model on cases and aggregate the metrics.
 
@@ -300,6 +304,9 @@ def evaluate_segmentation(
         ``(case, image path, label path)`` as from :func:`find_cases`.
     progress : callable or None
         Called with each case name when done.
+    predictions : pathlib.Path or None
+        When given, each case's predicted label map is written there (see
+        :func:`write_prediction`).
 
     Returns
     -------
@@ -314,29 +321,78 @@ def evaluate_segmentation(
         prediction = runtime.predict(card.name, read_roles(image_path, card, case))
         if prediction.labels is None:
             raise ConfigError(f"case {case}: model {card.name} gave no label map")
-        scores = score_segmentation(prediction.labels, sitk.ReadImage(str(label_path)), card)
-        rows.append({"case": case, **scores})
+        reference = sitk.ReadImage(str(label_path))
+        scores = score_segmentation(prediction.labels, reference, card)
+        row: dict[str, Any] = {"case": case, **scores}
+        if predictions is not None:
+            row["prediction"] = str(write_prediction(prediction.labels, image_path, predictions))
+        slice_scores = prediction.extra.get("slice_scores")
+        if slice_scores is not None:  # a slice-wise model (brain-tumour): presence per slice
+            ref = sitk.GetArrayViewFromImage(reference)
+            row["slice_scores"] = [float(s) for s in slice_scores]
+            row["slice_truth"] = [int(ref[k].any()) for k in range(ref.shape[0])]
+        rows.append(row)
         if progress is not None:
             progress(case)
     keys = _keys(card)
     summary: dict[str, dict[str, float]] = {}
     for metric in rows[0]:
-        if metric == "case":
+        if metric in _NOT_METRICS:
             continue
         summary[metric] = {k: _mean([r[metric][k] for r in rows]) for k in keys}
         summary[metric]["mean"] = _mean(list(summary[metric].values()))
     ci = {k: list(metrics.bootstrap_ci([r["dice"][k] for r in rows])) for k in keys}
     ci["mean"] = list(metrics.bootstrap_ci([np.mean([r["dice"][k] for k in keys]) for r in rows]))
     infinite = sum(1 for r in rows for k in keys if not math.isfinite(r["hd95_mm"][k]))
-    return {
+    report: dict[str, Any] = {
         "model": card.name,
         "version": card.version,
         "n": len(rows),
         "metrics": summary,
         "dice_ci95": ci,
+        "dice_median": float(np.median([np.mean([r["dice"][k] for k in keys]) for r in rows])),
         "hd95_infinite": infinite,
         "cases": rows,
     }
+    if all("slice_scores" in r for r in rows):
+        report["slice_presence"] = _slice_presence(rows, card)
+    return report
+
+
+def _slice_presence(rows: list[dict[str, Any]], card: ModelCard) -> dict[str, Any]:
+    """Slice-level tumour presence over all cases' slices, at the card's slice threshold."""
+    params = getattr(card.runtime, "parameters", None) or {}
+    threshold = float(params.get("slice_threshold", 0.5))
+    scores = [s for r in rows for s in r["slice_scores"]]
+    truth = [t for r in rows for t in r["slice_truth"]]
+    out: dict[str, Any] = dict(metrics.classification_metrics(scores, truth, threshold))
+    out.update(slices=len(scores), positive_slices=int(sum(truth)), threshold=threshold)
+    return out
+
+
+def write_prediction(labels: sitk.Image, image_path: Path, out: Path) -> Path:
+    """Write a predicted label map to ``out`` under the image's file name, on its grid.
+
+    Parameters
+    ----------
+    labels : SimpleITK.Image
+        The prediction, on the grid of the image read from ``image_path``.
+    image_path : pathlib.Path
+        The case's image: a NIfTI file (the name is kept) or a DICOM folder
+        (``<folder name>.nii.gz``).
+    out : pathlib.Path
+        Output folder (created).
+
+    Returns
+    -------
+    pathlib.Path
+        The written NIfTI file.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    name = image_path.name if image_path.name.endswith(_NIFTI) else f"{image_path.name}.nii.gz"
+    path = out / name
+    sitk.WriteImage(sitk.Cast(labels, sitk.sitkUInt8), str(path), useCompression=True)
+    return path
 
 
 def read_labels_csv(path: Path, card: ModelCard) -> dict[str, set[str]]:
@@ -501,6 +557,7 @@ def evaluate_model(
     images: Path,
     labels: Path,
     cases: Sequence[str] | None = None,
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
     """Run a loaded model on images and score it against reference labels.
 
@@ -514,6 +571,9 @@ def evaluate_model(
         Folders (a classifier's labels may be a ``labels.csv`` file or its folder).
     cases : sequence of str or None
         Case names; None evaluates all.
+    predictions : pathlib.Path or None
+        Segmentation: write each case's predicted label map there (NIfTI, the image's file
+        name and grid).
 
     Returns
     -------
@@ -532,7 +592,8 @@ def evaluate_model(
     names = list(cases) if cases is not None else None
     with Runtime(registry, settings.runtime) as runtime:
         if card.task == "segmentation":
-            report = evaluate_segmentation(runtime, card, find_cases(images, labels, names))
+            pairs = find_cases(images, labels, names)
+            report = evaluate_segmentation(runtime, card, pairs, predictions=predictions)
         else:
             labels_csv = labels / "labels.csv" if labels.is_dir() else labels
             report = evaluate_classification(runtime, card, images, labels_csv, names)

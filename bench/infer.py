@@ -1,4 +1,5 @@
-"""Inference speed on CPU: HippoCrop series, cold and warm, and 20 series queued at once.
+"""Inference speed on CPU: HippoCrop series, cold and warm, and 20 series queued at once;
+brain-tumour per FLAIR series.
 
 Cold is the first job after start: registry load (card, checksum, weights) plus runtime start
 plus the first prediction, with the interpreter's imports reported apart. Warm is the
@@ -77,6 +78,36 @@ def main() -> None:
         f"series/s; ratio {rate * warm_median:.2f}x"
     )
     print(f"cold/warm ratio: {cold / warm_median:.1f}x")
+    flair()
+
+
+def flair() -> None:
+    """Brain-tumour inference per FLAIR series (22-24 slices of 512x512) on CPU, warm."""
+    from aenode.config import ModelsSettings, RuntimeSettings
+    from aenode.infer.registry import Registry
+    from aenode.infer.runtime import Runtime
+    from aenode.volume import build_volume_from_files
+
+    volumes = []
+    for study in ("Study1", "Study2"):
+        folder = next((DATA / study).glob("*FLAIRreg*"))
+        volumes.append(build_volume_from_files(sorted(folder.glob("*.dcm"))))
+    t = time.perf_counter()
+    registry = Registry.load(ModelsSettings(path=ROOT / "models", enabled=["brain-tumour"]))
+    with Runtime(registry, RuntimeSettings(device="cpu", threads=2)) as runtime:
+        runtime.predict("brain-tumour", {"image": volumes[0]})
+        cold = time.perf_counter() - t
+        times = []
+        for i in range(6):
+            t = time.perf_counter()
+            runtime.predict("brain-tumour", {"image": volumes[i % 2]})
+            times.append(time.perf_counter() - t)
+    slices = [v.image.GetSize()[2] for v in volumes]
+    print(
+        f"brain-tumour: warm {statistics.median(times):.3f} s per FLAIR series "
+        f"(median of 6, {slices} slices of 512x512; min {min(times):.3f}); "
+        f"cold (load + first) {cold:.3f} s"
+    )
 
 
 if __name__ == "__main__":

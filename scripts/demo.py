@@ -109,6 +109,48 @@ def _series_table(base: str, study_id: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: int(r["number"] or 0))
 
 
+def _expected_jobs(study: Path) -> int:
+    """How many jobs the default rules make of the study (the `aenode select` dry run)."""
+    from aenode.config import load_settings
+    from aenode.select.explain import explain, scan
+    from aenode.select.rules import compile_rules
+
+    rules = compile_rules(load_settings(ROOT / "config.yaml", environ={}).selection.rules)
+    reports, _ = scan([study])
+    explain(reports, rules)
+    return sum(len(r.as_dict()["matches"]) for r in reports)
+
+
+def _sr_lines(path: Path) -> list[str]:
+    """The numeric items and findings of a result SR, as text (what came back to the PACS)."""
+    if not path.is_file():
+        return []
+    import pydicom
+
+    lines: list[str] = []
+
+    def walk(items: Any) -> None:
+        for item in items or []:
+            kind = getattr(item, "ValueType", "")
+            name = (
+                item.ConceptNameCodeSequence[0].CodeMeaning
+                if "ConceptNameCodeSequence" in item
+                else ""
+            )
+            if kind == "NUM" and "MeasuredValueSequence" in item:
+                mv = item.MeasuredValueSequence[0]
+                unit = mv.MeasurementUnitsCodeSequence[0].CodeValue
+                value = float(mv.NumericValue)
+                shown = f"{value:.3f}" if unit == "1" else f"{value:.4g} {unit}"
+                lines.append(f"SR {name}: {shown}")
+            elif kind == "CODE" and name == "Finding":
+                lines.append(f"SR finding: {item.ConceptCodeSequence[0].CodeMeaning}")
+            walk(getattr(item, "ContentSequence", None))
+
+    walk(pydicom.dcmread(path).ContentSequence)
+    return lines
+
+
 def demo(study: Path) -> int:
     """Run the demo on one study folder."""
     if not study.is_dir():
@@ -193,13 +235,18 @@ def demo(study: Path) -> int:
     t_sent = time.time()
     db = OUT / "var" / "aenode.db"
 
+    expected = _expected_jobs(study)
+    print(f"the default rules select {expected} job(s) in this study")
+
     def finished() -> list[sqlite3.Row] | None:
         if not db.exists():
             return None
         with sqlite3.connect(db) as conn:
             conn.row_factory = sqlite3.Row
             rows = conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
-        if rows and all(r["state"] in ("done", "failed", "rejected") for r in rows):
+        if len(rows) >= expected and all(
+            r["state"] in ("done", "failed", "rejected") for r in rows
+        ):
             return rows
         return None
 
@@ -222,6 +269,8 @@ def demo(study: Path) -> int:
         if job["findings"]:
             for label, mm3 in json.loads(job["findings"]).get("volumes_mm3", {}).items():
                 print(f"  {label:28} {mm3:10.1f} mm3  ({mm3 / 1000:.2f} mL)")
+        for line in _sr_lines(Path(job["result_dir"] or ".") / "sr.dcm"):
+            print(f"  {line}")
         if job["result_dir"] and (Path(job["result_dir"]) / "report.png").exists():
             print(f"  report page: {Path(job['result_dir']) / 'report.png'}")
     explorer = f"{base}/app/explorer.html"

@@ -100,8 +100,9 @@ def test_select_command_names_the_unreadable_tag(
     report = json.loads(capsys.readouterr().out)
     (series,) = report["series"]
     assert series["matches"] == [] and series["modality"] == ""
-    (failure,) = series["failures"]
-    assert failure["rule"] == "hippocampus"
+    failures = {f["rule"]: f for f in series["failures"]}
+    assert sorted(failures) == ["brain-tumour", "hippocampus"]  # every rule says why
+    failure = failures["hippocampus"]
     assert failure["reason"].startswith(UNKNOWN_VR)
     assert failure["reason"].endswith("treated as absent (wanted 'MR')")
 

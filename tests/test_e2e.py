@@ -45,6 +45,7 @@ def _setup(tmp: Path, lua: str) -> tuple[Orthanc, NodeProcess]:
         tmp / "node",
         {
             "node": {"port": node_port},
+            "models": {"enabled": None},  # every shipped model, as config.yaml
             "selection": default["selection"],
             "series": {"quiet_seconds": 2.0},
             "export": {
@@ -79,24 +80,31 @@ def _send_study(orthanc: Orthanc, folder: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _results(orthanc: Orthanc, study_uid: str) -> dict[str, list[str]]:
+def _results(orthanc: Orthanc, study_uid: str, model: str = "hippocampus") -> dict[str, list[str]]:
+    """The objects aenode stored in the study for ``model`` (by result series description)."""
     found: dict[str, list[str]] = {}
     for inst in orthanc.study_instances(study_uid):
         meta = orthanc.get_json(f"/instances/{inst['ID']}/metadata?expand")
         if meta.get("RemoteAET") == "AENODE":
-            sop = orthanc.instance_tags(inst["ID"])["SOPClassUID"]
-            found.setdefault(sop, []).append(inst["ID"])
+            tags = orthanc.instance_tags(inst["ID"])
+            if str(tags.get("SeriesDescription", "")).startswith(f"AI {model} "):
+                found.setdefault(tags["SOPClassUID"], []).append(inst["ID"])
     return found
 
 
 def _wait_results(
-    orthanc: Orthanc, node: NodeProcess, study_uid: str, timeout: float
+    orthanc: Orthanc,
+    node: NodeProcess,
+    study_uid: str,
+    timeout: float,
+    models: tuple[str, ...] = ("hippocampus", "brain-tumour"),
 ) -> dict[str, list[str]]:
+    """Wait until every model's SEG, SC and SR are in the study; the hippocampus ones."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = _results(orthanc, study_uid)
-        if all(k in found for k in (SEG, SC, SR)):
-            return found
+        each = [_results(orthanc, study_uid, m) for m in models]
+        if all(all(k in found for k in (SEG, SC, SR)) for found in each):
+            return each[0]
         time.sleep(0.5)
     jobs = node.query("SELECT id, state, reason FROM jobs")
     pytest.fail(
@@ -124,7 +132,7 @@ def _sr_volumes(sr: pydicom.Dataset) -> dict[str, float]:
 
 
 def _check_round_trip(orthanc: Orthanc, study_dir: Path, found: dict[str, list[str]]) -> None:
-    # Exactly one of each object: the HippoCrop series only, nothing from the other four.
+    # Exactly one of each hippocampus object: from the HippoCrop series only.
     assert {k: len(v) for k, v in found.items()} == {SEG: 1, SC: 1, SR: 1}
     crop_files = sorted((study_dir / "13_HCropVolume").glob("*.dcm"))
     crop = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in crop_files)}
@@ -168,8 +176,8 @@ def test_study_round_trip_through_orthanc(tmp_path: Path, data_dir: Path, routin
         _send_study(orthanc, study_dir)
         found = _wait_results(orthanc, node, study_uid, timeout=120)
         _check_round_trip(orthanc, study_dir, found)
-        jobs = node.query("SELECT * FROM jobs")
-        assert [j["model"] for j in jobs] == ["hippocampus"]
+        jobs = [j for j in node.query("SELECT * FROM jobs") if j["model"] == "hippocampus"]
+        assert len(jobs) == 1
         assert jobs[0]["state"] == "done"
         assert all(
             jobs[0][k]
@@ -212,14 +220,70 @@ def test_results_survive_a_pacs_outage(tmp_path: Path, data_dir: Path) -> None:
             ),
             timeout=60,
         )
-        assert node.query("SELECT state FROM jobs")[0]["state"] == "exporting"
+        states = {j["model"]: j["state"] for j in node.query("SELECT model, state FROM jobs")}
+        assert "exporting" in states.values() and "done" not in states.values(), states
         time.sleep(30)
         orthanc.start()
         found = _wait_results(orthanc, node, study_uid, timeout=60)
         time.sleep(2)  # nothing more may arrive
         found = _results(orthanc, study_uid)
         assert {k: len(v) for k, v in found.items()} == {SEG: 1, SC: 1, SR: 1}
-        assert node.query("SELECT state FROM jobs")[0]["state"] == "done"
+        states = [j["state"] for j in node.query("SELECT state FROM jobs")]
+        assert states == ["done", "done"]
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def _numeric(items: object) -> list[tuple[str, float, str]]:
+    found: list[tuple[str, float, str]] = []
+    for item in items or []:  # type: ignore[attr-defined]
+        if getattr(item, "ValueType", "") == "NUM" and "MeasuredValueSequence" in item:
+            mv = item.MeasuredValueSequence[0]
+            name = str(item.ConceptNameCodeSequence[0].CodeMeaning)
+            found.append(
+                (name, float(mv.NumericValue), mv.MeasurementUnitsCodeSequence[0].CodeValue)
+            )
+        found += _numeric(getattr(item, "ContentSequence", None))
+    return found
+
+
+def test_both_models_results_reach_the_study(tmp_path: Path, data_dir: Path) -> None:
+    """Study1 yields two jobs: hippocampus on HippoCrop, brain-tumour on FLAIR; both come back."""
+    orthanc, node = _setup(tmp_path, ROUTE_STABLE_STUDY)
+    study_dir = data_dir / "udacity-mr" / "Study1"
+    flair_files = sorted((study_dir / "36459-FLAIRreg-76244").glob("*.dcm"))
+    flair = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(f) for f in flair_files)}
+    first = next(iter(flair.values()))
+    try:
+        _send_study(orthanc, study_dir)
+        hippo = _wait_results(orthanc, node, str(first.StudyInstanceUID), timeout=180)
+        tumour = _results(orthanc, str(first.StudyInstanceUID), "brain-tumour")
+        assert {k: len(v) for k, v in tumour.items()} == {SEG: 1, SC: 1, SR: 1}
+        assert {k: len(v) for k, v in hippo.items()} == {SEG: 1, SC: 1, SR: 1}
+        series = {
+            m: {orthanc.instance_tags(i)["SeriesInstanceUID"] for ids in r.values() for i in ids}
+            for m, r in (("hippocampus", hippo), ("brain-tumour", tumour))
+        }
+        assert not series["hippocampus"] & series["brain-tumour"]
+        seg = hd.seg.Segmentation.from_dataset(_download(orthanc, tumour[SEG][0]))
+        assert seg.StudyInstanceUID == first.StudyInstanceUID
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence:
+            src = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            assert src in flair
+        volume = seg.get_volume(segment_numbers=[1], combine_segments=True)
+        sr = _download(orthanc, tumour[SR][0])
+        scale = {"ml": 1.0, "mm3": 1e-3}
+        ml = [v * scale[u] for n, v, u in _numeric(sr.ContentSequence) if u in scale]
+        seg_ml = np.count_nonzero(volume.array) * float(np.prod(volume.spacing)) / 1000.0
+        assert 40 < seg_ml < 150, seg_ml  # one large lesion (92.5 ml measured)
+        assert len(ml) == 2 and all(v == pytest.approx(seg_ml, rel=1e-4) for v in ml), (seg_ml, ml)
+        jobs = node.query("SELECT model, state FROM jobs ORDER BY model")
+        assert [(j["model"], j["state"]) for j in jobs] == [
+            ("brain-tumour", "done"),
+            ("hippocampus", "done"),
+        ]
     finally:
         node.stop()
         orthanc.stop()

@@ -36,8 +36,10 @@ def test_run_writes_seg_sc_sr_for_the_hippocrop_series_only(
         == 0
     )
     report = json.loads(capsys.readouterr().out)
-    assert len(report["jobs"]) == 1, "only the HippoCrop series is selected"
-    job = report["jobs"][0]
+    # Two jobs: hippocampus on the HippoCrop series (checked here), brain-tumour on the FLAIR
+    # series (tests/test_brain_tumour.py).
+    assert sorted(j["model"] for j in report["jobs"]) == ["brain-tumour", "hippocampus"]
+    job = next(j for j in report["jobs"] if j["model"] == "hippocampus")
     assert job["model"] == "hippocampus" and job["state"] == "done"
     assert job["inputs"]["image"]["description"] == "HippoCrop"
     volumes = job["volumes_mm3"]

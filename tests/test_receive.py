@@ -44,7 +44,9 @@ class NodeProcess:
         config: dict[str, dict[str, Any]] = {
             "node": {"host": "127.0.0.1", "port": self.port, "receivers": 2},
             "storage": {"path": str(self.storage), "min_free_mb": 10},
-            "models": {"path": str(ROOT / "models")},
+            # Only the model these tests select (a start loads and warms every enabled one);
+            # the e2e tests enable all.
+            "models": {"path": str(ROOT / "models"), "enabled": ["hippocampus"]},
             "series": {"release_grace_seconds": 0.5, "poll_seconds": 0.05},
             "logging": {"level": "DEBUG"},
         }

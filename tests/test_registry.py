@@ -46,7 +46,8 @@ def _load(package: Path) -> Registry:
 def test_shipped_package_loads() -> None:
     registry = Registry.load(ModelsSettings(path=ROOT / "models", enabled=["hippocampus"]))
     assert registry.names() == ["hippocampus"]
-    assert "stroke-mismatch" in Registry.load(ModelsSettings(path=ROOT / "models")).names()
+    everything = Registry.load(ModelsSettings(path=ROOT / "models"))
+    assert {"hippocampus", "brain-tumour", "stroke-mismatch"} <= set(everything.names())
     card = registry.card("hippocampus")
     assert card.task == "segmentation"
     assert [label.value for label in card.outputs.labels] == [1, 2]
@@ -55,8 +56,11 @@ def test_shipped_package_loads() -> None:
     net = registry.get("hippocampus").network
     assert not net.training
     assert all(p.dtype == torch.float32 for p in net.parameters())
-    with pytest.raises(KeyError, match=r"model 'nope' is not loaded \(loaded: \['hippocampus'\]\)"):
+    with pytest.raises(KeyError, match=r"model 'nope' is not loaded \(loaded: \[.*'hippocampus'"):
         registry.get("nope")
+    tumour = everything.get("brain-tumour")
+    assert tumour.card.runtime.format == "python" and tumour.state is not None
+    assert not tumour.state.network.training
 
 
 def test_missing_weights_file(package: Path) -> None:

@@ -89,7 +89,7 @@ def test_split_is_by_patient_seeded_and_complete(lgg: Path) -> None:
 
 
 def test_split_matches_the_shipped_card(lgg: Path) -> None:
-    card = yaml.safe_load((MODEL / "card-draft.yaml").read_text(encoding="utf-8"))
+    card = yaml.safe_load((MODEL / "model.yaml").read_text(encoding="utf-8"))
     train_names, val_names = split_patients(patient_names(lgg), seed=0)
     assert card["training"]["validation_patients"] == val_names
     assert card["training"]["train_patients"] == train_names
@@ -207,16 +207,16 @@ def test_postprocessing_drops_specks_and_minor_components() -> None:
 
 
 def test_shipped_weights_match_the_card() -> None:
-    card = yaml.safe_load((MODEL / "card-draft.yaml").read_text(encoding="utf-8"))
+    card = yaml.safe_load((MODEL / "model.yaml").read_text(encoding="utf-8"))
     weights = MODEL / card["runtime"]["weights"]
-    assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["runtime"]["sha256"]
-    assert card["runtime"]["architecture_args"] == ARCH_ARGS
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["runtime"]["weights_sha256"]
+    assert card["training"]["network"]["architecture_args"] == ARCH_ARGS
     assert weights.stat().st_size < 10_000_000
     assert "non-commercial" in card["intended_use"]
 
 
 def test_shipped_model_reproduces_the_card_dice(lgg: Path) -> None:
-    card = yaml.safe_load((MODEL / "card-draft.yaml").read_text(encoding="utf-8"))
+    card = yaml.safe_load((MODEL / "model.yaml").read_text(encoding="utf-8"))
     rows = {r["patient"]: r for r in card["metrics"]["validation_patients"]}
     # the two smallest validation patients keep the test short
     sizes = {n: sitk.ReadImage(str(lgg / "imagesTr" / f"{n}.nii.gz")).GetSize()[2] for n in rows}

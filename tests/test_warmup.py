@@ -33,4 +33,5 @@ def test_warm_up_runs_every_model_and_cleans_up(
     warmed = {n for n in registry.names() if registry.card(n).runtime.warmup}
     assert set(seconds) == warmed and "hippocampus" in warmed
     assert "stroke-mismatch" in set(registry.names()) - warmed
+    assert "brain-tumour" in warmed
     assert [p for p in tmp_path.iterdir() if p.name.startswith("aenode-")] == []

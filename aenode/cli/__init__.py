@@ -146,6 +146,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "or a folder holding labels.csv",
     )
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        default=None,
+        help="write each case's predicted label map here (NIfTI, the image's name and grid)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON (no NaN)")
 
     p = command("run", "run:command_run", "select, infer and write results for DICOM folders")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from aenode.config import Settings
@@ -32,6 +33,14 @@ def _print_segmentation(report: dict[str, Any]) -> None:
         print(f"{metric:>18}: {text}")
     for k, (lo, hi) in report["dice_ci95"].items():
         print(f"{'dice 95% CI':>18}: {k} [{lo:.4f}, {hi:.4f}]")
+    print(f"{'dice median':>18}: {report['dice_median']:.4f}")
+    presence = report.get("slice_presence")
+    if presence:
+        text = "  ".join(f"{k} {presence[k]:.4f}" for k in ("auc", "accuracy", "sensitivity"))
+        print(f"{'slice presence':>18}: {text}  specificity {presence['specificity']:.4f}")
+    written = [row["prediction"] for row in report["cases"] if "prediction" in row]
+    if written:
+        print(f"{'predictions':>18}: {len(written)} file(s) in {Path(written[0]).parent}")
 
 
 def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -44,7 +53,8 @@ def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """
     apply_process_settings(settings.runtime)
     names = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
-    report = evaluate_model(settings, args.model, args.images, args.labels, names)
+    predictions = getattr(args, "predictions", None)
+    report = evaluate_model(settings, args.model, args.images, args.labels, names, predictions)
     if args.json:
         print(json.dumps(finite(report)))
     elif report["task"] == "segmentation":

@@ -400,7 +400,7 @@ def register_flair(
 
     registered = sitk.Resample(_float(flair), fixed, transform, sitk.sitkLinear, 0.0)
     head_dice = _dice(
-        sitk.GetArrayViewFromImage(_head_mask(registered)) > 0,
+        sitk.GetArrayFromImage(_head_mask(registered)) > 0,  # a copy: a view of a temporary dangles
         sitk.GetArrayViewFromImage(head) > 0,
     )
     angles = np.degrees(np.abs(transform.GetParameters()[:3]))

@@ -55,6 +55,26 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(obj)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record comes.
+
+    ``StreamHandler(sys.stderr)`` keeps the stream it was given; when the CLI runs inside a
+    host that swaps ``sys.stderr`` (a test runner, an embedding program), a worker thread's
+    late record then hits a closed file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(settings: Settings, verbose: bool = False) -> None:
     """Send aenode's log records to stderr as text or JSON lines.
 
@@ -65,7 +85,7 @@ def configure_logging(settings: Settings, verbose: bool = False) -> None:
     verbose : bool
         Force DEBUG.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if settings.logging.json_format:
         handler.setFormatter(_JsonFormatter())
     else:

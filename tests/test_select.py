@@ -141,9 +141,12 @@ def test_invalid_rule_stops_settings_load(tmp_path: Path) -> None:
 
 def test_default_config_rule() -> None:
     settings = load_settings(ROOT / "config.yaml", environ={})
-    rules = compile_rules(settings.selection.rules, known_models=["hippocampus"])
+    rules = compile_rules(
+        settings.selection.rules, known_models=["hippocampus", "head-ct-haemorrhage"]
+    )
     assert [(r.name, r.models, r.is_study) for r in rules] == [
-        ("hippocampus", ("hippocampus",), False)
+        ("hippocampus", ("hippocampus",), False),
+        ("head-ct", ("head-ct-haemorrhage",), False),
     ]
 
 
@@ -275,25 +278,35 @@ def test_every_matching_rule_and_role_returned(hippo: Dataset) -> None:
 EXPECTED_UDACITY = """\
 series ...886578505670  MR  'T1post'  22 instances
   rule hippocampus: SeriesDescription 'T1post' does not match '^HippoCrop$'
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...153146185462  MR  'HippoCrop'  32 instances
   -> rule hippocampus: model hippocampus
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...984496684610  MR  'T1pre_reg'  22 instances
   rule hippocampus: SeriesDescription 'T1pre_reg' does not match '^HippoCrop$'
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...589141676244  MR  'FLAIR_reg'  22 instances
   rule hippocampus: SeriesDescription 'FLAIR_reg' does not match '^HippoCrop$'
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...349611688910  MR  'T2_reg'  22 instances
   rule hippocampus: SeriesDescription 'T2_reg' does not match '^HippoCrop$'
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...989986622014  MR  'T1post'  24 instances
   rule hippocampus: SeriesDescription 'T1post' does not match '^HippoCrop$'
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...619024551805  MR  'HippoCrop'  35 instances
   -> rule hippocampus: model hippocampus
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...268827049467  MR  'dT1'  24 instances
   rule hippocampus: SeriesDescription 'dT1' does not match '^HippoCrop$'
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...579028662665  MR  'FLAIR_reg'  24 instances
   rule hippocampus: SeriesDescription 'FLAIR_reg' does not match '^HippoCrop$'
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...964504488079  MR  'T2_reg'  24 instances
   rule hippocampus: SeriesDescription 'T2_reg' does not match '^HippoCrop$'
-10 series, 2 matched, 1 rule"""
+  rule head-ct: Modality 'MR' is not 'CT'
+10 series, 2 matched, 2 rules"""
 
 
 def test_tester_output_on_udacity(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -346,7 +359,7 @@ def test_tester_no_dicom(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["--config", str(ROOT / "config.yaml"), "select", str(tmp_path)]) == 1
     captured = capsys.readouterr()
-    assert "0 series, 0 matched, 1 rule, 1 file(s) skipped" in captured.out
+    assert "0 series, 0 matched, 2 rules, 1 file(s) skipped" in captured.out
     assert "notes.txt: not DICOM" in captured.err
 
 

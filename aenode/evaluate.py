@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from aenode import metrics
 from aenode.config import ConfigError, Settings
+from aenode.evaluate_images import evaluate_images, has_images
 from aenode.infer.cards import ModelCard
 from aenode.infer.registry import Registry
 from aenode.infer.runtime import Runtime
@@ -349,6 +350,7 @@ def evaluate_model(
     images: Path,
     labels: Path,
     cases: Sequence[str] | None = None,
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
     """Run a loaded model on images and score it against reference labels.
 
@@ -362,6 +364,9 @@ def evaluate_model(
         Folders (a classifier's labels may be a ``labels.csv`` file or its folder).
     cases : sequence of str or None
         Case names; None evaluates all.
+    predictions : pathlib.Path or None
+        A classifier on a folder of PNGs writes ``predictions/predictions.csv`` here
+        (:mod:`aenode.evaluate_images`).
 
     Returns
     -------
@@ -377,6 +382,11 @@ def evaluate_model(
     if model not in registry:
         raise ConfigError(f"--model: {model!r} is not loaded (loaded: {registry.names()})")
     card = registry.card(model)
+    if card.task == "classification" and has_images(images):  # 2D images + labels.csv
+        return {
+            **evaluate_images(registry.get(model), images, labels, predictions),
+            "task": card.task,
+        }
     names = list(cases) if cases is not None else None
     with Runtime(registry, settings.runtime) as runtime:
         if card.task == "segmentation":

@@ -13,14 +13,23 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
+import yaml
+from PIL import Image
 from pydicom.dataset import Dataset
 
+from aenode import metrics
 from aenode.cli import main
 from aenode.config import load_settings
+from aenode.errors import InputError
+from aenode.records import SeriesInfo, Volume
 from aenode.select.rules import Rule, compile_rules, match_series
+from aenode.volume import build_volume_from_files
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "head-ct-haemorrhage"
@@ -88,3 +97,123 @@ def test_select_takes_head_ct_without_series_description(
     assert by_count[238]["description"] == ""
     assert by_count[238]["matches"] == [{"rule": "head-ct", "role": None, "models": [MODEL]}]
     assert by_count[1]["matches"] == []
+
+
+# -- the entry point on the real tilted scan -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded() -> Any:
+    from aenode.infer.registry import load_package
+
+    return load_package(ROOT / "models" / MODEL)
+
+
+def test_entry_point_on_cq500(loaded: Any, data_dir: Path) -> None:
+    files = [
+        p for p in sorted((data_dir / "cq500-ct0").glob("CT*.dcm")) if p.name != "CT000000.dcm"
+    ]
+    volume = build_volume_from_files(files, correct={"tilt", "gaps"})
+    assert volume.correction is not None
+    prediction = loaded.module.predict({"image": volume}, loaded.state, loaded.card)
+    expected = loaded.card.metrics["scans"][0]
+    p = prediction.class_probabilities["haemorrhage"]
+    assert p == pytest.approx(expected["probability"], abs=1e-3)
+    assert prediction.labels is None
+    [finding] = prediction.findings
+    assert finding.name == "haemorrhage" and finding.threshold == 0.5
+    assert finding.present == (p >= 0.5)
+    assert finding.code is not None and finding.code.value == "1386000"
+    [m] = prediction.measurements
+    assert m.probability and m.value == p and m.unit == "1"
+    assert prediction.display_window == (40.0, 80.0)
+    # the key slabs 11-13 are the acquired slices 88-111 (0.625 mm, 8 a slab) in datasets order
+    assert prediction.key_slices == list(range(88, 112))
+    z = [float(volume.datasets[k].ImagePositionPatient[2]) for k in prediction.key_slices]
+    assert z == sorted(z) and 14.0 < z[-1] - z[0] < 15.0
+    notes = " ".join(prediction.notes)
+    assert "gantry tilt of 8.50 degrees" in notes and "tilt-shear-bilinear" in notes
+    assert "1 missing slice(s) interpolated" in notes
+    assert "not validated for clinical use" in notes
+
+
+def test_entry_point_refuses_a_volume_without_head(loaded: Any) -> None:
+    image = sitk.Image([64, 64, 20], sitk.sitkInt16) - 1000
+    image.SetSpacing([1.0, 1.0, 5.0])
+    info = SeriesInfo("1.2.3", "1.2.3.4", 0, "CT", "", ())
+    with pytest.raises(InputError, match=r"series 1\.2\.3\.4: no slab encloses 50 cm2"):
+        loaded.module.predict({"image": Volume(image, info)}, loaded.state, loaded.card)
+
+
+# -- aenode evaluate on PNGs ------------------------------------------------------------------
+
+
+def _config(tmp: Path) -> Path:
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump({"models": {"path": str(ROOT / "models")}}))
+    return path
+
+
+def _some_slices(data_dir: Path, folder: Path) -> dict[str, int]:
+    src = data_dir / "head-ct-kitamura"
+    with (src / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    chosen = rows[:4] + rows[-4:]  # 4 with haemorrhage, 4 without
+    folder.mkdir()
+    for row in chosen:
+        shutil.copy(src / row["file"], folder / row["file"])
+    with (folder / "labels.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "hemorrhage"])
+        writer.writerows([r["file"], r["hemorrhage"]] for r in chosen)
+    return {r["file"]: int(r["hemorrhage"]) for r in chosen}
+
+
+def test_evaluate_pngs_and_predictions_round_trip(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truth = _some_slices(data_dir, tmp_path / "images")
+    assert sorted(set(truth.values())) == [0, 1]
+    out = tmp_path / "out"
+    argv = ["--config", str(_config(tmp_path)), "evaluate", "--model", MODEL]
+    argv += ["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "images")]
+    assert main([*argv, "--predictions", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 8 and report["positives"] == 4
+    with (out / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["file"] for r in rows] == sorted(truth)
+    got = {r["file"]: float(r["probability"]) for r in rows}
+    # the shipped model's training predictions of the same images
+    with (ROOT / "models" / MODEL / "predictions.csv").open(newline="") as fh:
+        shipped = {r["file"]: float(r["probability"]) for r in csv.DictReader(fh)}
+    for name, p in got.items():
+        assert p == pytest.approx(shipped[name], abs=1e-4), name
+    names = sorted(got)
+    auc = metrics.auc([got[n] for n in names], [truth[n] for n in names])
+    scored = report["metrics"]["haemorrhage"]
+    assert scored["auc"]["value"] == pytest.approx(auc, abs=1e-12)
+    for key in ("auc", "accuracy", "sensitivity", "specificity"):
+        lo, hi = scored[key]["ci95"]
+        assert lo <= scored[key]["value"] <= hi
+    tp = sum(got[n] >= 0.5 and truth[n] == 1 for n in names)
+    assert scored["tp"] == tp and scored["sensitivity"]["value"] == tp / 4
+    # the text report names the figures and the file
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "haemorrhage          auc:" in text and "95% CI" in text
+
+
+def test_evaluate_refuses_a_colour_png(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _some_slices(data_dir, tmp_path / "images")
+    first = sorted((tmp_path / "images").glob("*.png"))[0]
+    grey = np.asarray(Image.open(first).convert("L"))
+    rgb = np.stack([grey, grey, np.zeros_like(grey)], axis=-1)
+    Image.fromarray(rgb, "RGB").save(first)
+    argv = ["--config", str(_config(tmp_path)), "evaluate", "--model", MODEL]
+    argv += ["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "images")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert first.name in err and "colour image" in err

@@ -113,6 +113,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--labels", type=Path, required=True)
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        default=None,
+        help="write each case's predicted label map here (NIfTI, the image's name and grid)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = command("run", "run:command_run", "select, infer and write results for DICOM folders")

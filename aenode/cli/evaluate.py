@@ -34,6 +34,26 @@ def _print_segmentation(report: dict[str, Any]) -> None:
         print(f"{'dice 95% CI':>18}: {k} [{lo:.4f}, {hi:.4f}]")
 
 
+def _print_images(report: dict[str, Any]) -> None:
+    print(
+        f"{report['model']} {report['version']}: {report['n']} image(s), "
+        f"{report['positives']} positive ({report['label_column']}), "
+        f"threshold {report['threshold']:g}"
+    )
+    for name, values in report["metrics"].items():
+        for metric in ("auc", "accuracy", "sensitivity", "specificity"):
+            v = values[metric]
+            lo, hi = v["ci95"]
+            ci = "" if lo is None else f"  95% CI [{lo:.3f}, {hi:.3f}]"
+            print(f"{name} {metric:>12}: {v['value']:.3f}{ci}")
+        print(
+            f"{name} {'confusion':>12}: TP {values['tp']} FN {values['fn']} TN {values['tn']} "
+            f"FP {values['fp']}"
+        )
+    if "predictions_csv" in report:
+        print(f"{'predictions':>12}: {report['predictions_csv']}")
+
+
 def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """Evaluate and print the report (text or JSON).
 
@@ -44,11 +64,14 @@ def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """
     apply_process_settings(settings.runtime)
     names = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
-    report = evaluate_model(settings, args.model, args.images, args.labels, names)
+    predictions = getattr(args, "predictions", None)
+    report = evaluate_model(settings, args.model, args.images, args.labels, names, predictions)
     if args.json:
         print(json.dumps(finite(report)))
     elif report["task"] == "segmentation":
         _print_segmentation(report)
+    elif "label_column" in report:
+        _print_images(report)
     else:
         print(json.dumps(report["metrics"], indent=2))
     return 0

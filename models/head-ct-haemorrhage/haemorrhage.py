@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,9 @@ def predict(volumes: Mapping[str, Volume], state: Any, card: Any) -> Prediction:
     findings = findings_for(card, {CLASS: probability})
     threshold = next(c.threshold for c in card.outputs.classes if c.name == CLASS)
     keys = key_slices(volume, slabs, result.key_indices)
-    classified = [s.index for s, p in zip(slabs, result.per_slice, strict=True) if not math.isnan(p)]
+    classified = [
+        s.index for s, p in zip(slabs, result.per_slice, strict=True) if not math.isnan(p)
+    ]
     per_key = ", ".join(f"{result.per_slice[k]:.3f}" for k in result.key_indices)
     notes = []
     if volume.correction is not None:
@@ -174,3 +176,37 @@ def predict(volumes: Mapping[str, Volume], state: Any, card: Any) -> Prediction:
         key_slices=keys,
         display_window=headct.BRAIN_WINDOW,
     )
+
+
+def predict_images(paths: Sequence[Path], state: Any, card: Any) -> list[float]:
+    """Haemorrhage probability of each 8-bit brain-window slice image (``aenode evaluate``).
+
+    Each image is read by :func:`aenode.headct.load_png` (colour, alpha and 16-bit images are
+    refused) and prepared as in training.
+
+    Parameters
+    ----------
+    paths : sequence of pathlib.Path
+        PNG files.
+    state : torch.nn.Module
+        From :func:`load`.
+    card : aenode.infer.cards.ModelCard
+        The model's card.
+
+    Returns
+    -------
+    list of float
+        One probability per path, in order.
+
+    Raises
+    ------
+    aenode.errors.InputError
+        If an image cannot be interpreted; the message names the file.
+    """
+    try:
+        ready = [headct.prepare_slice(headct.load_png(p), name=str(p)) for p in paths]
+    except headct.HeadCTError as exc:
+        raise InputError(f"model {card.name}: {exc}") from exc
+    if not ready:
+        return []
+    return [float(p) for p in headct.predict(state, np.stack(ready))]

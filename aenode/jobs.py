@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from aenode.assemble import reject_series
 from aenode.errors import InputError, PeerError
-from aenode.records import Job, SeriesInfo, Volume
+from aenode.records import Job, Prediction, SeriesInfo, Volume
 from aenode.states import IllegalTransition, JobState, transition
 from aenode.store import Store, StoreError
 
@@ -41,6 +41,7 @@ __all__ = [
     "JobRecord",
     "JobRunner",
     "claim_job",
+    "findings_record",
     "get_job",
     "get_state",
     "job_from_row",
@@ -137,6 +138,39 @@ class JobRecord:
     t_exported: float | None
     stages: dict[str, float] = field(default_factory=dict)
     volumes_mm3: dict[str, float] = field(default_factory=dict)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    class_probabilities: dict[str, float] | None = None
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def findings_record(prediction: Prediction, results: ResultSet | None = None) -> dict[str, Any]:
+    """What the ``jobs.findings`` column holds for a job's prediction (JSON-ready).
+
+    Parameters
+    ----------
+    prediction : Prediction
+        The model's output.
+    results : ResultSet or None
+        The written results (volumes and notes), when written.
+
+    Returns
+    -------
+    dict
+        ``findings`` (one dict per :class:`~aenode.records.Finding`), ``class_probabilities``
+        (or None), ``measurements`` (when the prediction has any), ``volumes_mm3`` and
+        ``notes``.
+    """
+    record: dict[str, Any] = {
+        "findings": [asdict(f) for f in prediction.findings],
+        "class_probabilities": prediction.class_probabilities,
+        "volumes_mm3": results.volumes_mm3 if results is not None else {},
+        "notes": list(results.notes if results is not None else prediction.notes),
+    }
+    measurements = getattr(prediction, "measurements", None)
+    if measurements:
+        record["measurements"] = [asdict(m) for m in measurements]
+    return record
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
@@ -161,6 +195,10 @@ def _record(row: sqlite3.Row) -> JobRecord:
             if row[start] and row[end]
         },
         volumes_mm3=findings.get("volumes_mm3", {}),
+        findings=findings.get("findings", []),
+        class_probabilities=findings.get("class_probabilities"),
+        measurements=findings.get("measurements", []),
+        notes=findings.get("notes", []),
     )
 
 
@@ -372,6 +410,8 @@ class JobOutcome:
     reason: str | None = None
     results: ResultSet | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    findings: dict[str, Any] = field(default_factory=dict)
+    """What the job's ``findings`` column holds (:func:`findings_record`)."""
 
 
 class JobRunner:
@@ -461,13 +501,17 @@ class JobRunner:
             else:  # run without a claim (aenode run)
                 move(conn, job.id or 0, JobState.RUNNING, reason=None, t_started=t0)
         stage[0] = "volume"
+        card = self.registry.card(job.model)
+        geometry = card.inputs.geometry
         volumes: dict[str, Volume] = {}
+        corrections: list[str] = []
         for role, series in job.inputs.items():
             try:
                 volumes[role] = build_volume(
                     series,
                     spacing_tolerance=self.settings.volume.spacing_tolerance,
-                    allow=self.settings.volume.allow,
+                    allow=geometry.allow or self.settings.volume.allow,
+                    correct=geometry.correct,
                 )
             except VolumeError as exc:
                 reason = f"role {role}: series {series.series_uid}: {exc}"
@@ -475,6 +519,12 @@ class JobRunner:
                 reject_series(self.store, series.series_uid, series.revision, str(exc))
                 self._move(job, JobState.REJECTED, reason=reason)
                 return JobOutcome(job, JobState.REJECTED, reason)
+            correction = volumes[role].correction
+            if correction is not None:
+                corrections.append(f"role {role}: {correction.describe()}")
+        if corrections:
+            with self.store.transaction() as conn:
+                note(conn, job.id or 0, "; ".join(corrections))
         timings["volume"] = time.time() - t0
         stage[0] = "inference"
         t1 = time.time()
@@ -482,15 +532,16 @@ class JobRunner:
             job.model, volumes, fractional=self.settings.results.fractional
         )
         timings["infer"] = time.time() - t1
+        prediction.notes[:0] = corrections
         self._move(job, JobState.INFERRED, t_inferred=time.time())
         stage[0] = "results"
         t2 = time.time()
         out_dir = self.results_root / f"job-{job.id:06d}"
-        card = self.registry.card(job.model)
         results = write_results(job, volumes, prediction, card, self.settings.results, out_dir)
         timings["write"] = time.time() - t2
         stage[0] = "export"
-        findings = json.dumps({"volumes_mm3": results.volumes_mm3, "notes": results.notes})
+        record = findings_record(prediction, results)
+        findings = json.dumps(record)
         written = {"t_written": time.time(), "result_dir": str(out_dir), "findings": findings}
         with self.store.transaction() as conn:
             queued = 0
@@ -508,7 +559,7 @@ class JobRunner:
             timings["write"],
             extra=ctx,
         )
-        return JobOutcome(job, state, None, results, timings)
+        return JobOutcome(job, state, None, results, timings, record)
 
     def run_forever(self, stop: threading.Event, wakeup: threading.Event, poll: float) -> None:
         """Run queued jobs until ``stop`` is set; one job's failure fails that job only.

@@ -54,7 +54,7 @@ from aenode.errors import InputError
 from aenode.records import SeriesInfo, Volume
 from aenode.tilt import CORRECTABLE, StackError, correct_stack
 
-__all__ = ["VolumeError", "build_volume", "build_volume_from_files", "read_headers"]
+__all__ = ["VolumeError", "build_volume", "build_volume_from_files", "read_headers", "waiver"]
 
 log = logging.getLogger(__name__)
 
@@ -514,6 +514,27 @@ def read_headers(paths: Sequence[Path]) -> list[tuple[Path, Dataset]]:
     return out
 
 
+def waiver(kind: str) -> str:
+    """The settings that would waive (or correct) the geometry problem ``kind``.
+
+    Parameters
+    ----------
+    kind : str
+        ``"tilt"``, ``"gaps"`` or ``"spacing"``.
+
+    Returns
+    -------
+    str
+        E.g. ``set inputs.geometry.correct: [tilt] or inputs.geometry.allow: [tilt] in the
+        model card, or volume.allow: [tilt] in the configuration``.
+    """
+    fix = f"inputs.geometry.correct: [{kind}] or " if kind in CORRECTABLE else ""
+    return (
+        f"set {fix}inputs.geometry.allow: [{kind}] in the model card, "
+        f"or volume.allow: [{kind}] in the configuration"
+    )
+
+
 def _check_allow(allow: Collection[str], correct: Collection[str] = ()) -> None:
     unknown = set(allow) - _WAIVABLE
     if unknown:
@@ -597,7 +618,9 @@ def _build(
     kinds = {p.split(":", 1)[0] for p in problems}
     corrected = kinds & set(correct)
     rejected = [
-        p.split(": ", 1)[1] for p in problems if p.split(":", 1)[0] not in set(allow) | corrected
+        f"{p.split(': ', 1)[1]} ({waiver(p.split(':', 1)[0])})"
+        for p in problems
+        if p.split(":", 1)[0] not in set(allow) | corrected
     ]
     if rejected:
         raise VolumeError("; ".join(rejected))

@@ -456,3 +456,67 @@ selection:
     assert settings.selection.study_timeout_seconds == 30
     (rule,) = compile_rules(settings.selection.rules, known_models={"stroke"})
     assert rule.is_study and list(rule.roles) == ["dwi", "adc", "flair"]
+
+
+_CT_CARD = """name: ct-model
+version: '1'
+task: classification
+description: test card
+intended_use: tests
+inputs:
+  modality: CT
+  geometry: {geometry}
+outputs:
+  head: softmax
+  classes: [{{name: no bleed}}, {{name: bleed}}]
+runtime: {{format: torchscript, weights: model.pt, sha256: '{sha}'}}
+"""
+
+
+def _ct_config(tmp_path: Path, geometry: str | None) -> Path:
+    models = tmp_path / "models"
+    if geometry is not None:
+        (models / "ct-model").mkdir(parents=True)
+        (models / "ct-model" / "model.yaml").write_text(
+            _CT_CARD.format(geometry=geometry, sha="0" * 64)
+        )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"models: {{path: {models}}}\n"
+        "selection:\n  rules:\n    - name: ct\n      models: [ct-model]\n"
+        "      series: {tag: Modality, equals: CT}\n"
+    )
+    return cfg
+
+
+def test_tester_runs_the_volume_checks(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tilted head CT matches the rule, but the volume check says a job would reject it."""
+    cfg = _ct_config(tmp_path, "{}")
+    assert main(["--config", str(cfg), "select", str(data_dir / "cq500-ct0")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "matched, but" in x)
+    assert line.startswith("     model ct-model: matched, but the volume would be rejected: ")
+    assert "gantry tilt" in line
+    assert "inputs.geometry.allow: [tilt] in the model card" in line
+    assert main(["--config", str(cfg), "select", "--json", str(data_dir / "cq500-ct0")]) == 0
+    series = json.loads(capsys.readouterr().out)["series"]
+    big = max(series, key=lambda s: s["instances"])
+    assert big["volume"][0]["outcome"] == "rejected" and "tilt" in big["volume"][0]["detail"]
+
+
+def test_tester_uses_the_card_geometry(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _ct_config(tmp_path, "{allow: [tilt, gaps]}")
+    assert main(["--config", str(cfg), "select", "--json", str(data_dir / "cq500-ct0")]) == 0
+    series = json.loads(capsys.readouterr().out)["series"]
+    big = max(series, key=lambda s: s["instances"])
+    assert big["volume"] == [{"model": "ct-model", "outcome": "ok", "detail": ""}]
+    # --no-volume-check reads headers only.
+    assert (
+        main(["--config", str(cfg), "select", "--no-volume-check", str(data_dir / "cq500-ct0")])
+        == 0
+    )
+    assert "would be" not in capsys.readouterr().out

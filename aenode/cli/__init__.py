@@ -92,8 +92,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
 
     p = command("select", "select:command_select", "dry-run the selection rules on DICOM files")
-    p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (recursive)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--no-volume-check",
+        action="store_true",
+        help="do not build the matched series' volumes (headers only: faster, but a series "
+        "whose geometry a job would reject still shows as matched)",
+    )
 
     p = command("models", "models:command_models", "list the model packages")
     p.add_argument("--json", action="store_true")

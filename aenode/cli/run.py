@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from aenode.cli.store import findings_text
 from aenode.config import Settings
 from aenode.infer.registry import RegistryError
 from aenode.jobs import JobOutcome
@@ -33,6 +34,9 @@ def _summary(outcome: JobOutcome) -> dict[str, Any]:
         "volumes_mm3": res.volumes_mm3 if res else {},
         "files": [str(p) for p in res.files] if res else [],
         "report_png": str(res.report_png) if res and res.report_png else None,
+        "findings": outcome.findings.get("findings", []),
+        "class_probabilities": outcome.findings.get("class_probabilities"),
+        "measurements": outcome.findings.get("measurements", []),
         "notes": res.notes if res else [],
         "seconds": outcome.timings,
     }
@@ -57,6 +61,8 @@ def command_run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"job {s['job']}: model {s['model']} on {inputs}: {s['state']}")
             if s["reason"]:
                 print(f"  reason: {s['reason']}")
+            if s["findings"]:
+                print(f"  findings: {findings_text(s['findings'])}")
             for label, mm3 in s["volumes_mm3"].items():
                 print(f"  {label:28} {mm3:10.1f} mm3  ({mm3 / 1000:.2f} mL)")
             for path in s["files"]:

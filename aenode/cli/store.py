@@ -14,11 +14,20 @@ from aenode.export.outbox import Outbox
 from aenode.jobs import JobRecord, recent_jobs, retry_job
 from aenode.status import open_store, status_report
 
-__all__ = ["command_jobs", "command_retry", "command_status"]
+__all__ = ["command_jobs", "command_retry", "command_status", "findings_text"]
 
 
 def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def findings_text(findings: list[dict[str, Any]]) -> str:
+    """One line for a job's findings: ``bleed 0.93 (present); fracture 0.12 (absent)``."""
+    parts = []
+    for f in findings:
+        mark = "present" if f.get("present") else "absent"
+        parts.append(f"{f.get('name')} {float(f.get('probability', 0.0)):.2f} ({mark})")
+    return "; ".join(parts)
 
 
 def _job_dict(job: JobRecord) -> dict[str, Any]:
@@ -68,7 +77,8 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{'':19}  reason: {s['reason']}")
     for j in jobs:
         volumes = ", ".join(f"{k} {v:.0f} mm3" for k, v in j["volumes_mm3"].items())
-        print(f"job {j['id']}: {j['model']} {j['state']} {j['reason'] or volumes}")
+        shown = j["reason"] or findings_text(j["findings"]) or volumes
+        print(f"job {j['id']}: {j['model']} {j['state']} {shown}")
     return 0
 
 
@@ -103,6 +113,8 @@ def command_jobs(args: argparse.Namespace, settings: Settings) -> int:
         )
         if j["reason"]:
             print(f"{'':>5}  reason: {j['reason']}")
+        if j["findings"]:
+            print(f"{'':>5}  findings: {findings_text(j['findings'])}")
     return 0
 
 

@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 __all__ = [
     "ClassSpec",
     "Code",
+    "GeometrySpec",
     "InputSpec",
     "LabelSpec",
     "ModelCard",
@@ -81,6 +82,22 @@ class RoleSpec(_Card):
 
     name: str = "image"
     required: bool = True
+    wait_seconds: float = Field(
+        default=0,
+        ge=0,
+        le=86400,
+        description="optional role: once the required roles are there, wait up to this many "
+        "seconds for it before the job starts without it (0: do not wait)",
+    )
+
+    @model_validator(mode="after")
+    def _wait_only_optional(self) -> RoleSpec:
+        if self.required and self.wait_seconds:
+            raise _card_error(
+                f"wait_seconds: only for an optional role (role {self.name!r} is required; "
+                "a job always waits for its required roles)"
+            )
+        return self
 
 
 class PreprocessSpec(_Card):
@@ -158,6 +175,21 @@ class PreprocessSpec(_Card):
         return value
 
 
+class GeometrySpec(_Card):
+    """Geometry checks this model waives or corrects (see ``volume.allow``)."""
+
+    allow: list[Literal["tilt", "gaps", "spacing"]] = Field(
+        default_factory=list,
+        description="volume checks waived for this model (default: the global volume.allow); "
+        "the volume gets ITK's approximate geometry",
+    )
+    correct: list[Literal["tilt", "gaps"]] = Field(
+        default_factory=list,
+        description="corrected instead of rejected: tilt resamples a gantry-tilted stack onto "
+        "an orthogonal grid, gaps interpolates a single missing slice",
+    )
+
+
 class InputSpec(_Card):
     """What the model takes: roles in channel order, and how each volume is prepared."""
 
@@ -169,6 +201,7 @@ class InputSpec(_Card):
         description="after the role channels, one channel per optional role: 1 when the role's "
         "series is present, 0 when missing",
     )
+    geometry: GeometrySpec = Field(default_factory=GeometrySpec)
 
 
 class LabelSpec(_Card):

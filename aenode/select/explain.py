@@ -12,7 +12,7 @@ rule, the first condition that failed::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,15 @@ from pydicom.errors import InvalidDicomError
 from aenode.dicomread import read_text
 from aenode.select.rules import Rule, evaluate
 
-__all__ = ["SeriesReport", "explain", "scan", "short_uid", "studies", "text_report"]
+__all__ = [
+    "SeriesReport",
+    "check_volumes",
+    "explain",
+    "scan",
+    "short_uid",
+    "studies",
+    "text_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,7 @@ class SeriesReport:
     files: list[Path] = field(default_factory=list, repr=False)
     matches: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
+    volume: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready content (without the header)."""
@@ -55,6 +64,7 @@ class SeriesReport:
             "first_file": str(self.first_file),
             "matches": self.matches,
             "failures": self.failures,
+            "volume": self.volume,
         }
 
 
@@ -139,6 +149,48 @@ def explain(reports: Sequence[SeriesReport], rules: Sequence[Rule]) -> None:
                 report.failures.append({"rule": rule.name, "reason": decision.reason})
 
 
+def check_volumes(
+    reports: Sequence[SeriesReport],
+    geometry: Callable[[str], tuple[Collection[str], Collection[str]]],
+    spacing_tolerance: float,
+) -> None:
+    """Build the volume of each matched series as a job would, and record what it gives.
+
+    Fills ``report.volume`` with one dict per matched model: ``model``, ``outcome``
+    (``ok``, ``corrected`` or ``rejected``) and ``detail`` (the rejection or correction).
+
+    Parameters
+    ----------
+    reports : sequence of SeriesReport
+        After :func:`explain`.
+    geometry : callable
+        Model name -> (allow, correct) for :func:`aenode.volume.build_volume`.
+    spacing_tolerance : float
+        ``volume.spacing_tolerance``.
+    """
+    from aenode.volume import VolumeError, build_volume_from_files
+
+    for report in reports:
+        models = sorted({m for match in report.matches for m in match["models"]})
+        for model in models:
+            allow, correct = geometry(model)
+            try:
+                volume = build_volume_from_files(
+                    report.files,
+                    spacing_tolerance=spacing_tolerance,
+                    allow=allow,
+                    correct=correct,
+                )
+            except VolumeError as exc:
+                report.volume.append({"model": model, "outcome": "rejected", "detail": str(exc)})
+                continue
+            if volume.correction is not None:
+                detail = volume.correction.describe()
+                report.volume.append({"model": model, "outcome": "corrected", "detail": detail})
+            else:
+                report.volume.append({"model": model, "outcome": "ok", "detail": ""})
+
+
 def studies(reports: Sequence[SeriesReport], rules: Sequence[Rule]) -> list[dict[str, Any]]:
     """For each study rule and study with a role filled: the roles found and those missing.
 
@@ -194,6 +246,16 @@ def text_report(
             models = ", ".join(m["models"])
             plural = "s" if len(m["models"]) > 1 else ""
             lines.append(f"  -> rule {m['rule']}{role}: model{plural} {models}")
+        for v in r.volume:
+            if v["outcome"] == "rejected":
+                lines.append(
+                    f"     model {v['model']}: matched, but the volume would be rejected: "
+                    f"{v['detail']}"
+                )
+            elif v["outcome"] == "corrected":
+                lines.append(
+                    f"     model {v['model']}: the volume would be corrected: {v['detail']}"
+                )
         for f in r.failures:
             lines.append(f"  rule {f['rule']}: {f['reason']}")
     for row in study_rows:

@@ -222,6 +222,12 @@ def demo(study: Path) -> int:
         if job["findings"]:
             for label, mm3 in json.loads(job["findings"]).get("volumes_mm3", {}).items():
                 print(f"  {label:28} {mm3:10.1f} mm3  ({mm3 / 1000:.2f} mL)")
+            for item in json.loads(job["findings"]).get("findings", []):  # classifiers
+                present = "present" if item["present"] else "absent"
+                print(
+                    f"  {item['name']:28} {item['probability']:10.4f}  ({present}, threshold "
+                    f"{item['threshold']})"
+                )
         if job["result_dir"] and (Path(job["result_dir"]) / "report.png").exists():
             print(f"  report page: {Path(job['result_dir']) / 'report.png'}")
     explorer = f"{base}/app/explorer.html"

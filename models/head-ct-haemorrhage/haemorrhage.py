@@ -10,8 +10,9 @@ a :class:`aenode.records.Prediction` with no labels:
 - the key slices: the acquired slices (indices into ``Volume.datasets``) averaged into the slabs
   of the winning 3-slab window;
 - the brain window (40/80) for the report page;
-- notes: the geometry correction (angle, method, interpolated slice), the slabs that drove the
-  result, and the demonstration-grade disclaimer.
+- notes: the slabs that drove the result and the demonstration-grade disclaimer (the node puts
+  the geometry correction - angle, method, interpolated slice - ahead of them, from
+  ``Volume.correction``, so that the report page and the SR show it).
 
 The network is 0.2 M parameters and runs on the CPU whatever the device (a few ms a slab).
 """
@@ -146,17 +147,14 @@ def predict(volumes: Mapping[str, Volume], state: Any, card: Any) -> Prediction:
         s.index for s, p in zip(slabs, result.per_slice, strict=True) if not math.isnan(p)
     ]
     per_key = ", ".join(f"{result.per_slice[k]:.3f}" for k in result.key_indices)
-    notes = []
-    if volume.correction is not None:
-        notes.append(f"Geometry: {volume.correction.describe()}")
-    notes.append(
+    notes = [  # the geometry correction is noted by the job (jobs.py), ahead of these
         f"Haemorrhage probability {probability:.4f} (threshold {threshold:g}): the maximum over z "
         f"of 5 mm slab probabilities averaged over 3 consecutive slabs; key slabs "
         f"{result.key_indices[0]}-{result.key_indices[-1]} (slab probabilities {per_key}); "
         f"{len(classified)} of {len(slabs)} slabs classified (the others enclose less than "
-        f"{headct.MIN_INTRACRANIAL_CM2:g} cm2 of brain)"
-    )
-    notes.append(DISCLAIMER)
+        f"{headct.MIN_INTRACRANIAL_CM2:g} cm2 of brain)",
+        DISCLAIMER,
+    ]
     return Prediction(
         model=card.name,
         version=card.version,

@@ -4,6 +4,12 @@ The first real job after a start otherwise pays for torch's first kernels, highd
 lazily loaded IOD tables and font loading (about 2 s on 2 CPU cores). A small synthetic
 MR series, written to a temporary folder and discarded, takes that cost before the first
 study arrives. Nothing of it reaches the store, the spool or a destination.
+
+A python-format model (``runtime.format: python``) is warmed the same way: its entry point
+is called with the synthetic volume in every role, which takes its first-call costs (imports
+done lazily, SimpleITK filters, a torch network it loaded). A model that cannot run on such
+an input (a registration that needs a head, a minimum size) says ``runtime.warmup: false``
+in its card and is skipped, with a log line; its state is warm from ``load`` anyway.
 """
 
 from __future__ import annotations
@@ -103,6 +109,13 @@ def warm_up(registry: Registry, runtime: Runtime, settings: ResultsSettings) -> 
             return seconds
         for name in registry.names():
             card = registry.card(name)
+            if card.runtime.format == "python" and not card.runtime.warmup:
+                log.info(
+                    "warm-up of model %s skipped (runtime.warmup: false)",
+                    name,
+                    extra={"model": name},
+                )
+                continue
             volumes = {role.name: volume for role in card.inputs.roles}
             job = Job(rule="warm-up", model=name, study_uid="", inputs={}, id=0)
             t0 = time.perf_counter()

@@ -34,8 +34,14 @@ def command_models(args: argparse.Namespace, settings: Settings) -> int:
     for row in rows:
         outputs = ", ".join(row["labels"] or row["classes"])
         dice = " ".join(f"{k}={v:.3f}" for k, v in row["validation_dice"].items())
+        if row["format"] == "python":
+            size = f"python {row['entry_point']}"
+            if row["weights"] is not None:
+                size += f" + {row['weights_mb']} MB"
+        else:
+            size = f"{row['weights_mb']} MB"
         print(
             f"{row['name']} {row['version']}  {row['task']} {row['modality']}  [{outputs}]  "
-            f"{row['weights_mb']} MB" + (f"  validation Dice {dice}" if dice else "")
+            f"{size}" + (f"  validation Dice {dice}" if dice else "")
         )
     return 0

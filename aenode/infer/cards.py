@@ -251,13 +251,40 @@ class OutputSpec(_Card):
 
 
 class RuntimeSpec(_Card):
-    """How the model runs (sizes in x, y, z)."""
+    """How the model runs (sizes in x, y, z).
 
-    format: Literal["torchscript", "state_dict"]
+    ``torchscript`` and ``state_dict`` run a torch network on the weights file the card
+    names. ``python`` runs a function from a file in the package folder
+    (``entry_point: "mismatch.py:predict"``, its ``sha256`` checked at load); ``weights``
+    (with ``weights_sha256``) is then optional, ``parameters`` is handed to the entry point,
+    and the torch fields (architecture, patch size, flips) are the model's own business.
+    """
+
+    format: Literal["torchscript", "state_dict", "python"]
     architecture: str | None = None
     architecture_args: dict[str, Any] = Field(default_factory=dict)
-    weights: Path
+    weights: Path | None = None
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    entry_point: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.py:[A-Za-z_][A-Za-z0-9_]*$",
+        description='format python: "<file in the package folder>.py:<function>"; sha256 '
+        "is that file's",
+    )
+    weights_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="format python: sha256 of runtime.weights (required when weights is set)",
+    )
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="format python: a free mapping handed to the entry point (card.runtime)",
+    )
+    warmup: bool = Field(
+        default=True,
+        description="format python: false skips the start-up warm-up call (a model that "
+        "cannot run on a synthetic volume)",
+    )
     patch_size: XYZInt | None = Field(
         default=None,
         description="(x, y, z) window size of MONAI sliding-window inference (segmentation)",
@@ -276,6 +303,16 @@ class RuntimeSpec(_Card):
             raise _card_error(f"every size must be >= 1 voxel, got {value}")
         return value
 
+    @property
+    def entry_file(self) -> str | None:
+        """The entry point's file name (format python), else None."""
+        return None if self.entry_point is None else self.entry_point.split(":")[0]
+
+    @property
+    def entry_function(self) -> str | None:
+        """The entry point's function name (format python), else None."""
+        return None if self.entry_point is None else self.entry_point.split(":")[1]
+
 
 class ModelCard(_Card):
     """A model package's card."""
@@ -293,6 +330,31 @@ class ModelCard(_Card):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
+    def _runtime_fits_the_format(self) -> ModelCard:
+        rt = self.runtime
+        if rt.format != "python":
+            if rt.weights is None:
+                raise _card_error(f"runtime.weights: required for format {rt.format}")
+            for name in ("entry_point", "weights_sha256"):
+                if getattr(rt, name) is not None:
+                    raise _card_error(f"runtime.{name}: only used with format python")
+            if rt.parameters:
+                raise _card_error("runtime.parameters: only used with format python")
+            if not rt.warmup:
+                raise _card_error("runtime.warmup: only used with format python")
+            return self
+        if rt.entry_point is None:
+            raise _card_error(
+                'runtime.entry_point: required for format python ("<file>.py:<function>", '
+                "e.g. mismatch.py:predict)"
+            )
+        if rt.weights is not None and rt.weights_sha256 is None:
+            raise _card_error("runtime.weights_sha256: required when runtime.weights is set")
+        if rt.weights is None and rt.weights_sha256 is not None:
+            raise _card_error("runtime.weights_sha256: given without runtime.weights")
+        return self
+
+    @model_validator(mode="after")
     def _outputs_fit_the_task(self) -> ModelCard:
         out = self.outputs
         if self.task == "segmentation":
@@ -301,7 +363,7 @@ class ModelCard(_Card):
                     "outputs.head: segmentation is a softmax over background + labels; "
                     "leave head out or set softmax"
                 )
-            if out.classes:
+            if out.classes and self.runtime.format != "python":
                 raise _card_error("outputs.classes: a segmentation model lists outputs.labels")
             _distinct_label_codes(out.labels)
             return self
@@ -327,7 +389,7 @@ class ModelCard(_Card):
                         f"outputs.classes.{i}.threshold: not used with head softmax (the most "
                         "probable class is the finding); remove it or use head: sigmoid"
                     )
-        if self.runtime.patch_size is not None:
+        if self.runtime.patch_size is not None and self.runtime.format != "python":
             raise _card_error(
                 "runtime.patch_size: sliding-window inference is for segmentation; a classifier "
                 "sees one input of inputs.preprocessing.pad_to"

@@ -11,9 +11,12 @@ with a :class:`RegistryError` naming the card file, the field and the reason, e.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,7 @@ __all__ = [
     "check_selection",
     "load_package",
     "model_summary",
+    "module_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ class RegistryError(InputError):
 
 @dataclass
 class LoadedModel:
-    """A validated package with its network loaded (CPU, eval mode).
+    """A validated package with its network (torch formats) or module (python) loaded.
 
     Attributes
     ----------
@@ -55,13 +59,25 @@ class LoadedModel:
         The validated card.
     path : pathlib.Path
         The package folder.
-    network : torch.nn.Module
-        The network with its weights, in eval mode on the CPU.
+    network : torch.nn.Module or None
+        The network with its weights, in eval mode on the CPU; None for format python.
+    module : types.ModuleType or None
+        Format python: the entry point's module (``sys.modules[module_name(card.name)]``).
+    state : Any
+        Format python: what the module's optional ``load(package, card, device)`` returned,
+        handed to every ``predict`` call; None without ``load``.
     """
 
     card: ModelCard
     path: Path
-    network: torch.nn.Module
+    network: torch.nn.Module | None = None
+    module: ModuleType | None = None
+    state: Any = None
+
+    @property
+    def is_python(self) -> bool:
+        """Whether the package runs a python entry point (``runtime.format: python``)."""
+        return self.card.runtime.format == "python"
 
 
 def _fail(card_path: Path, field: str, reason: str) -> RegistryError:
@@ -115,8 +131,11 @@ def _check_card(card: ModelCard, folder: Path, card_path: Path) -> None:
             raise _fail(
                 card_path, "runtime.architecture", f"unknown {rt.architecture!r} (known: {known})"
             )
-    if rt.weights.is_absolute() or ".." in rt.weights.parts:
+    if rt.weights is not None and (rt.weights.is_absolute() or ".." in rt.weights.parts):
         raise _fail(card_path, "runtime.weights", "must be a path inside the package folder")
+    entry = rt.entry_file
+    if entry is not None and Path(entry).name != entry:
+        raise _fail(card_path, "runtime.entry_point", "the file must be in the package folder")
 
 
 def _sha256(path: Path) -> str:
@@ -233,41 +252,128 @@ def _check_network(card: ModelCard, net: torch.nn.Module, card_path: Path) -> No
         )
 
 
-def load_package(folder: Path) -> LoadedModel:
-    """Validate one package folder and load its network.
+def module_name(model: str) -> str:
+    """The ``sys.modules`` name a python-format model's entry point is loaded under.
+
+    Parameters
+    ----------
+    model : str
+        The card's name.
+
+    Returns
+    -------
+    str
+        ``aenode_model_<name with - replaced by _>``.
+    """
+    return "aenode_model_" + model.replace("-", "_")
+
+
+def _check_sha(card_path: Path, file: Path, expected: str, field: str, what: str) -> None:
+    if not file.is_file():
+        raise _fail(card_path, what, f"file not found: {file}")
+    actual = _sha256(file)
+    if actual != expected:
+        raise _fail(
+            card_path,
+            field,
+            f"does not match {file.name} (expected {expected}, got {actual})",
+        )
+
+
+def _load_python(
+    card: ModelCard, folder: Path, card_path: Path, device: torch.device
+) -> tuple[ModuleType, Any]:
+    """Import the entry point's file as a module, check ``predict``, call ``load``."""
+    rt = card.runtime
+    assert rt.entry_file is not None and rt.entry_function is not None
+    source = folder / rt.entry_file
+    _check_sha(card_path, source, rt.sha256, "runtime.sha256", "runtime.entry_point")
+    if rt.weights is not None:
+        assert rt.weights_sha256 is not None  # the card validator requires it
+        weights = folder / rt.weights
+        _check_sha(
+            card_path, weights, rt.weights_sha256, "runtime.weights_sha256", "runtime.weights"
+        )
+    name = module_name(card.name)
+    spec = importlib.util.spec_from_file_location(name, source)
+    if spec is None or spec.loader is None:
+        raise _fail(card_path, "runtime.entry_point", f"cannot import {source}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before exec: dataclasses and pickling look it up
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the package's own code: any error stops the load, named
+        sys.modules.pop(name, None)
+        raise _fail(
+            card_path,
+            "runtime.entry_point",
+            f"{rt.entry_file} fails to import: {type(exc).__name__}: {exc}",
+        ) from exc
+    if not callable(getattr(module, rt.entry_function, None)):
+        sys.modules.pop(name, None)
+        raise _fail(
+            card_path,
+            "runtime.entry_point",
+            f"{rt.entry_file} has no function {rt.entry_function!r}",
+        )
+    state = None
+    load = getattr(module, "load", None)
+    if callable(load):
+        try:
+            state = load(folder, card, device)
+        except Exception as exc:  # the package's own code, as above
+            sys.modules.pop(name, None)
+            raise _fail(
+                card_path,
+                "runtime.entry_point",
+                f"{rt.entry_file}: load() failed: {type(exc).__name__}: {exc}",
+            ) from exc
+    return module, state
+
+
+def load_package(folder: Path, device: torch.device | None = None) -> LoadedModel:
+    """Validate one package folder and load its network or python entry point.
 
     Parameters
     ----------
     folder : pathlib.Path
         ``<models.path>/<name>``.
+    device : torch.device or None
+        Handed to a python-format module's ``load(package, card, device)``; default CPU.
+        (Torch-format networks are loaded on the CPU and copied to each worker's device.)
 
     Returns
     -------
     LoadedModel
-        The card and the network (CPU, eval mode).
+        The card and the network (CPU, eval mode), or the module and its state.
 
     Raises
     ------
     RegistryError
-        If the card is missing or invalid, the weights file is missing, its sha256 differs
-        from the card's, the weights do not load, or the network's output on a dummy input
-        of the card's size does not fit the card; the message names file and field.
+        If the card is missing or invalid, the weights (or entry point) file is missing,
+        its sha256 differs from the card's, the weights do not load, the network's output
+        on a dummy input of the card's size does not fit the card, or the entry point does
+        not import, lacks its function or its ``load`` fails; the message names file and
+        field.
     """
     card_path = folder / CARD_FILE
     if not card_path.is_file():
         raise RegistryError(f"{card_path}: model card not found")
     card = _read_card(card_path)
     _check_card(card, folder, card_path)
-    weights = folder / card.runtime.weights
-    if not weights.is_file():
-        raise _fail(card_path, "runtime.weights", f"file not found: {weights}")
-    actual = _sha256(weights)
-    if actual != card.runtime.sha256:
-        raise _fail(
-            card_path,
-            "runtime.sha256",
-            f"does not match {card.runtime.weights} (expected {card.runtime.sha256}, got {actual})",
+    if card.runtime.format == "python":
+        module, state = _load_python(card, folder, card_path, device or torch.device("cpu"))
+        log.info(
+            "loaded python model %s %s (%s)",
+            card.name,
+            card.version,
+            card.runtime.entry_point,
+            extra={"model": card.name},
         )
+        return LoadedModel(card=card, path=folder, module=module, state=state)
+    assert card.runtime.weights is not None  # the card validator requires it
+    weights = folder / card.runtime.weights
+    _check_sha(card_path, weights, card.runtime.sha256, "runtime.sha256", "runtime.weights")
     net = _load_network(card, weights, card_path)
     _check_network(card, net, card_path)
     log.info("loaded model %s %s", card.name, card.version, extra={"model": card.name})
@@ -287,13 +393,15 @@ class Registry:
         self._models = dict(models)
 
     @classmethod
-    def load(cls, settings: ModelsSettings) -> Registry:
+    def load(cls, settings: ModelsSettings, device: torch.device | None = None) -> Registry:
         """Validate every package under ``settings.path`` (or those ``enabled``) and load them.
 
         Parameters
         ----------
         settings : aenode.config.ModelsSettings
             ``path`` and the optional ``enabled`` list.
+        device : torch.device or None
+            Handed to python-format modules' ``load``; default CPU.
 
         Returns
         -------
@@ -319,7 +427,7 @@ class Registry:
                         f"models.enabled: {name!r} has no {CARD_FILE} under {root / name}"
                     )
                 folders.append(root / name)
-        return cls({f.name: load_package(f) for f in folders})
+        return cls({f.name: load_package(f, device) for f in folders})
 
     def names(self) -> list[str]:
         """Names of the loaded models, sorted.
@@ -382,7 +490,7 @@ def model_summary(model: LoadedModel) -> dict[str, Any]:
     card = model.card
     val = card.metrics.get("validation", {}) if isinstance(card.metrics, dict) else {}
     dice = {k: v["dice"] for k, v in val.items() if isinstance(v, dict) and "dice" in v}
-    weights = model.path / card.runtime.weights
+    weights = model.path / card.runtime.weights if card.runtime.weights is not None else None
     return {
         "name": card.name,
         "version": card.version,
@@ -392,8 +500,10 @@ def model_summary(model: LoadedModel) -> dict[str, Any]:
         "labels": [label.name for label in card.outputs.labels],
         "classes": [c.name for c in card.outputs.classes],
         "head": card.outputs.head or ("softmax" if card.task == "segmentation" else None),
-        "weights": str(weights),
-        "weights_mb": round(weights.stat().st_size / 1e6, 2),
+        "format": card.runtime.format,
+        "entry_point": card.runtime.entry_point,
+        "weights": str(weights) if weights is not None else None,
+        "weights_mb": round(weights.stat().st_size / 1e6, 2) if weights is not None else 0.0,
         "sha256": card.runtime.sha256,
         "validation_dice": dice,
     }

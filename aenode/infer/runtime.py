@@ -9,7 +9,12 @@ sliding window. Inputs are oriented, resampled, normalised and padded (to exactl
 ``pad_to`` when the card has a fixed input size) as the card says; roles become channels in
 card order, a missing optional role an all-zero channel (and a 0 presence channel with
 ``inputs.presence_channels``). Outputs go through the card's head and are put back on the
-grid of the reference role's volume. The contract is written in ``docs/models.md``. A
+grid of the reference role's volume. A python-format model (``runtime.format: python``)
+runs on the same workers, one job at a time per model: its entry point gets the role
+volumes as they are and returns the :class:`~aenode.records.Prediction`, whose label map the
+runtime checks against the reference grid and the card's labels; an
+:class:`~aenode.errors.InputError` it raises becomes the job's reason. The contract is
+written in ``docs/models.md``. A
 failing job raises :class:`InferenceError` naming model and reason; the worker goes on.
 """
 
@@ -98,14 +103,23 @@ _STOP = object()
 
 
 class _Worker:
-    def __init__(self, device: torch.device, registry: Registry, settings: RuntimeSettings):
+    def __init__(
+        self,
+        device: torch.device,
+        registry: Registry,
+        settings: RuntimeSettings,
+        locks: Mapping[str, threading.Lock],
+    ):
         self.device = device
         self.registry = registry
         self.settings = settings
+        self.locks = locks  # python models: one job at a time across all workers
         self.queue: queue.Queue[object] = queue.Queue()
         self.nets: dict[str, torch.nn.Module] = {}
         for name in registry.names():
             net = registry.get(name).network
+            if net is None:  # format python: the module runs as it is
+                continue
             self.nets[name] = net if device.type == "cpu" else copy.deepcopy(net).to(device)
         self.thread = threading.Thread(
             target=self._loop, name=f"aenode-infer-{device}", daemon=True
@@ -125,6 +139,9 @@ class _Worker:
             if item is _STOP:
                 return
             assert isinstance(item, _Job)
+            if item.model in self.locks:
+                self._run_python(item)
+                continue
             batch, pending = self._gather(item, pending)
             if batch:
                 self._run_batch(batch)
@@ -140,7 +157,12 @@ class _Worker:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 break
-            if item is _STOP or not isinstance(item, _Job) or item.model != first.model:
+            if (
+                item is _STOP
+                or not isinstance(item, _Job)
+                or item.model != first.model
+                or item.model in self.locks
+            ):
                 pending.append(item)  # type: ignore[arg-type]
                 break
             candidates.append(item)
@@ -157,6 +179,40 @@ class _Worker:
                 continue
             ready.append(prepared)
         return ready, pending
+
+    def _run_python(self, job: _Job) -> None:
+        """Call a python-format model's entry point on one job and check what it returns."""
+        if job.cancelled.is_set() or job.future.done():
+            return
+        t0 = time.perf_counter()
+        try:
+            loaded = self.registry.get(job.model)
+            card = loaded.card
+            reference = _reference_role(card, job.volumes, job.model)
+            function = getattr(loaded.module, card.runtime.entry_function or "predict")
+            with self.locks[job.model]:
+                t1 = time.perf_counter()
+                result = function(dict(job.volumes), loaded.state, card)
+                infer_s = time.perf_counter() - t1
+            prediction = _checked(card, result, job.volumes, reference)
+        except InputError as exc:  # the model refuses its input: the reason, as it says it
+            _fail(
+                job,
+                exc
+                if isinstance(exc, InferenceError)
+                else InferenceError(f"model {job.model!r}: {exc}"),
+            )
+            return
+        except Exception as exc:  # a bug in the model's code: logged with its traceback
+            log.exception("python model %s failed", job.model, extra={"model": job.model})
+            _fail(job, exc)
+            return
+        prediction.timings.update(
+            queue=round(t0 - job.submitted, 4), preprocess=0.0, infer=round(infer_s, 4)
+        )
+        prediction.extra.update(device=str(self.device), batch=1)
+        if not job.future.done():
+            job.future.set_result(prediction)
 
     def _prepare(self, job: _Job) -> _Ready:
         t0 = time.perf_counter()
@@ -279,6 +335,51 @@ class _Worker:
         )
 
 
+def _same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    )
+
+
+def _checked(
+    card: ModelCard, result: object, volumes: Mapping[str, Volume], reference: str
+) -> Prediction:
+    """A python model's return value, checked against the card and the reference grid."""
+    name = card.name
+    if not isinstance(result, Prediction):
+        raise InferenceError(
+            f"model {name!r}: {card.runtime.entry_point} returned {type(result).__name__}, "
+            "not an aenode.records.Prediction"
+        )
+    if result.reference_role not in volumes:
+        result.reference_role = reference
+    result.model, result.version, result.task = card.name, card.version, card.task
+    labels = result.labels
+    if labels is None:
+        if card.task == "segmentation":
+            raise InferenceError(f"model {name!r}: a segmentation model returned no labels")
+        return result
+    if not isinstance(labels, sitk.Image) or labels.GetPixelID() != sitk.sitkUInt8:
+        raise InferenceError(f"model {name!r}: Prediction.labels must be a uint8 SimpleITK image")
+    grid = volumes[result.reference_role].image
+    if not _same_grid(labels, grid):
+        raise InferenceError(
+            f"model {name!r}: Prediction.labels {list(labels.GetSize())} is not on the grid of "
+            f"role {result.reference_role!r} {list(grid.GetSize())} (size, spacing, origin, "
+            "direction must match)"
+        )
+    allowed = {0, *(label.value for label in card.outputs.labels)}
+    found = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))}
+    if found - allowed:
+        raise InferenceError(
+            f"model {name!r}: label values {sorted(found - allowed)} are not in outputs.labels"
+        )
+    return result
+
+
 def _reference_role(card: ModelCard, volumes: Mapping[str, Volume], model: str) -> str:
     missing = [r.name for r in card.inputs.roles if r.required and r.name not in volumes]
     if missing:
@@ -317,7 +418,10 @@ class Runtime:
         self.registry = registry
         self.settings = settings
         self.devices = resolve_devices(settings.device)
-        self._workers = [_Worker(d, registry, settings) for d in self.devices]
+        locks = {
+            name: threading.Lock() for name in registry.names() if registry.get(name).is_python
+        }
+        self._workers = [_Worker(d, registry, settings, locks) for d in self.devices]
         self._next = 0
         self._lock = threading.Lock()
         self._closed = False

@@ -187,7 +187,7 @@ def demo(study: Path) -> int:
     )
     print(f"sending {study} to Orthanc with storescu ...")
     subprocess.run(
-        [storescu, "-aec", ORTHANC_AET, "+sd", "+r", "127.0.0.1", str(dicom_port), str(study)],
+        [storescu, "-xs", "-aec", ORTHANC_AET, "+sd", "+r", "127.0.0.1", str(dicom_port), str(study)],
         check=True,
     )
     t_sent = time.time()

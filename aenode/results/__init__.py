@@ -159,11 +159,17 @@ def write_results(
         sc = build_report(volume, prediction, card, settings, result.volumes_mm3, page=page)
         result.files.append(_save(sc, out_dir / "report.dcm"))
 
-    if settings.sr and (result.volumes_mm3 or prediction.class_probabilities):
+    has_content = (
+        result.volumes_mm3
+        or prediction.class_probabilities
+        or prediction.measurements
+        or prediction.findings
+    )
+    if settings.sr and has_content:
         sr = build_sr(volume, prediction, card, settings, result.volumes_mm3, seg=seg)
         result.files.append(_save(sr, out_dir / "sr.dcm"))
     elif settings.sr:
-        result.notes.append("SR not written: no volumes and no class probabilities")
+        result.notes.append("SR not written: no volumes, class probabilities or measurements")
 
     log.info("results written: %s", ", ".join(p.name for p in result.files), extra=ctx)
     return result

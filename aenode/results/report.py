@@ -1,7 +1,12 @@
 """Secondary-capture report: one rendered RGB page (model, findings, key slices, disclaimer).
 
 A segmentation's page shows the key slices with the mask overlaid; a classifier's page shows
-its findings (decided by the card's head) and the input's three central planes.
+its findings (decided by the card's head) and the input's three central planes. The
+slices shown are the prediction's ``key_slices`` when it names them (else those of largest
+mask area), in its ``display_window`` when given (else the 1st-99th percentile); its
+``measurements`` and findings are listed. Images a model registered onto the reference grid
+(``Prediction.extra["display_images"]``: caption to SimpleITK image, e.g. a FLAIR registered
+to DWI) are shown beside the reference at the same slices, with the same overlay.
 
 The page is drawn with Pillow and numpy and wrapped in a highdicom ``SCImage`` (RGB, 8 bit,
 uncompressed) so that any viewer shows it; the same page is written as ``report.png``.
@@ -95,15 +100,26 @@ def key_slices(masks: np.ndarray, limit: int = 3) -> list[int]:
     return sorted(chosen[:limit])
 
 
-def _tile(image: np.ndarray, masks: np.ndarray, colors: Sequence[Sequence[int]]) -> Image.Image:
-    lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+def _tile(
+    image: np.ndarray,
+    masks: np.ndarray,
+    colors: Sequence[Sequence[int]],
+    *,
+    window: tuple[float, float] | None = None,
+    edge: int = _TILE,
+) -> Image.Image:
+    if window is not None:
+        center, width = window
+        lo, hi = center - width / 2, center + width / 2
+    else:
+        lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
     gray = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     for k, color in enumerate(colors):
         m = masks[..., k]
         rgb[m] = 0.45 * rgb[m] + 0.55 * np.asarray(color, dtype=float)
     tile = Image.fromarray(rgb.astype(np.uint8), "RGB")
-    scale = _TILE / max(tile.width, tile.height)
+    scale = edge / max(tile.width, tile.height)
     size = (max(1, round(tile.width * scale)), max(1, round(tile.height * scale)))
     return tile.resize(size, Image.Resampling.NEAREST)
 
@@ -126,6 +142,62 @@ def _finding_lines(prediction: Prediction, card: ModelCard) -> list[str]:
         rule = f", threshold {f.threshold:.2f}" if f.threshold is not None else ""
         lines.append(f"{f.name}: p = {f.probability:.3f} ({verdict}{rule})")
     return lines
+
+
+def _measurement_lines(prediction: Prediction) -> list[str]:
+    lines = []
+    for m in prediction.measurements:
+        if m.probability:
+            lines.append(f"{m.name}: p = {m.value:.3f}")
+        else:
+            unit = "" if m.unit in ("1", "{ratio}") else f" {m.unit.replace('ml', 'mL')}"
+            lines.append(f"{m.name}: {m.value:.3g}{unit}")
+    return lines
+
+
+def _display_images(prediction: Prediction, volume: Volume) -> list[tuple[str, np.ndarray]]:
+    """Extra images on the reference grid to show beside it (``extra["display_images"]``)."""
+    shown = prediction.extra.get("display_images") or {}
+    out = []
+    for caption, image in shown.items():
+        if isinstance(image, sitk.Image) and image.GetSize() == volume.image.GetSize():
+            out.append((str(caption), sitk.GetArrayViewFromImage(image).astype(np.float32)))
+    return out
+
+
+def _slice_grid(
+    page: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    top: int,
+    columns: list[tuple[str, np.ndarray]],
+    slices: list[int],
+    masks: np.ndarray,
+    colors: Sequence[Sequence[int]],
+    window: tuple[float, float] | None,
+) -> None:
+    """Rows of key slices, one column per image (the reference first), overlaid."""
+    small = _font(14)
+    bottom = PAGE_SIZE[1] - 60
+    rows = len(slices)
+    size = int(min(_TILE, (bottom - top) / rows - 24, (PAGE_SIZE[0] - 60) / len(columns) - 20))
+    size = max(size, 60)
+    y = top
+    for idx in slices:
+        x = 30
+        for i, (caption, image) in enumerate(columns):
+            # the model's window is for the reference image; the others are auto-windowed
+            tile = _tile(
+                image[idx], masks[idx], colors, window=window if i == 0 else None, edge=size
+            )
+            label = (
+                f"{caption}, slice {idx + 1} of {masks.shape[0]}"
+                if caption
+                else (f"slice {idx + 1} of {masks.shape[0]}")
+            )
+            draw.text((x, y + 2), label, fill=(0, 0, 0), font=small)
+            page.paste(tile, (x, y + 20))
+            x += size + 20
+        y += size + 24
 
 
 def central_planes(volume: Volume) -> list[tuple[str, np.ndarray]]:
@@ -242,26 +314,37 @@ def render_page(
             fill=(0, 0, 0),
         )
         y += 26
-    for line in _finding_lines(prediction, card):
-        draw.text((54, y), line, fill=(0, 0, 0), font=body)
+    for line in _finding_lines(prediction, card) + _measurement_lines(prediction):
+        draw.text((54, y), line[:110], fill=(0, 0, 0), font=body)
         y += 26
 
+    window = prediction.display_window
     if prediction.labels is not None and card.outputs.labels:
         masks = label_masks(prediction, card.outputs.labels, volume)
         image = sitk.GetArrayViewFromImage(volume.image).astype(np.float32)
         colors = [spec.color for spec in card.outputs.labels]
-        x = 30
-        for idx in key_slices(masks):
-            tile = _tile(image[idx], masks[idx], colors)
-            page.paste(tile, (x, y + 30))
-            draw.text(
-                (x, y + 8), f"slice {idx + 1} of {masks.shape[0]}", fill=(0, 0, 0), font=small
-            )
-            x += _TILE + 20
+        extra = _display_images(prediction, volume)
+        chosen = sorted({k for k in prediction.key_slices if 0 <= k < masks.shape[0]})
+        slices = chosen[:3] or key_slices(masks)
+        if extra:  # several images per slice: fewer slices, so that the tiles stay legible
+            slices = slices[:2] if len(slices) > 1 else slices
+            caption = volume.series.description or prediction.reference_role
+            columns = [(caption[:24], image), *extra]
+            _slice_grid(page, draw, y + 8, columns, slices, masks, colors, window)
+        else:
+            x = 30
+            edge = max(60, min(_TILE, PAGE_SIZE[1] - 60 - (y + 30)))
+            for idx in slices:
+                tile = _tile(image[idx], masks[idx], colors, window=window, edge=edge)
+                page.paste(tile, (x, y + 30))
+                draw.text(
+                    (x, y + 8), f"slice {idx + 1} of {masks.shape[0]}", fill=(0, 0, 0), font=small
+                )
+                x += edge + 20
     elif card.task == "classification":
         x = 30
         for caption, plane in central_planes(volume):
-            tile = _tile(plane, np.zeros((*plane.shape, 0), bool), [])
+            tile = _tile(plane, np.zeros((*plane.shape, 0), bool), [], window=window)
             page.paste(tile, (x, y + 30))
             draw.text((x, y + 8), caption, fill=(0, 0, 0), font=small)
             x += _TILE + 20

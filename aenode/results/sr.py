@@ -6,11 +6,18 @@ A classifier finding is one group: the class's code as finding type, its probabi
 numeric item (DCM 122157 Probability, UCUM 1) and the finding as a qualitative evaluation
 ``<class> = Present`` (SCT 52101004) or ``Absent`` (SCT 272519000). A softmax head gives one
 group, the most probable class, present; a sigmoid head one group per class.
+
+A prediction's ``measurements`` (volumes, ratios, probabilities a python-format model gives)
+are one more group, "<model> measurements": a numeric item each, its concept the
+measurement's code or a local one (``99AENODE``) named after it; a probability without a
+code reads "Probability of <name>" (unless its name says so already), UCUM ``1``. The
+group's source images are the key slices' instances (``Prediction.key_slices``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 from pydicom import Dataset
@@ -18,8 +25,9 @@ from pydicom.sr.codedict import codes
 
 from aenode.config import ResultsSettings
 from aenode.infer.cards import ModelCard
-from aenode.records import Finding, Prediction, Volume
+from aenode.records import Finding, FindingCode, Measurement, Prediction, Volume
 from aenode.results.source import (
+    ResultError,
     coded,
     findings_of,
     reference_datasets,
@@ -27,7 +35,7 @@ from aenode.results.source import (
     software_versions,
 )
 
-__all__ = ["SR_SERIES_OFFSET", "build_sr"]
+__all__ = ["SR_SERIES_OFFSET", "build_sr", "measurement_concept"]
 
 SR_SERIES_OFFSET = 3
 _IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
@@ -136,6 +144,101 @@ def _class_groups(
     return groups
 
 
+_UNIT_MEANINGS = {
+    "1": "no units",
+    "ml": "milliliter",
+    "mm3": "cubic millimeter",
+    "mm": "millimeter",
+    "{ratio}": "ratio",
+    "%": "percent",
+    "s": "second",
+    "h": "hour",
+}
+
+
+def _local_value(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").upper()
+    return (slug or "MEASUREMENT")[:16]
+
+
+def measurement_concept(measurement: Measurement) -> hd.sr.CodedConcept:
+    """The SR concept name of a measurement's numeric item.
+
+    Parameters
+    ----------
+    measurement : aenode.records.Measurement
+        Its ``code`` when given; else a local code (scheme ``99AENODE``) whose meaning is its
+        name, or "Probability of <name>" for a probability whose name does not say so.
+
+    Returns
+    -------
+    highdicom.sr.CodedConcept
+    """
+    code: FindingCode | None = measurement.code
+    if code is not None:
+        return hd.sr.CodedConcept(code.value, code.scheme, code.meaning[:64])
+    meaning = measurement.name
+    if measurement.probability and "probab" not in meaning.lower():
+        meaning = f"Probability of {meaning}"
+    return hd.sr.CodedConcept(_local_value(meaning), _LOCAL_SCHEME, meaning[:64])
+
+
+def _unit(unit: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(unit, "UCUM", _UNIT_MEANINGS.get(unit, unit)[:64])
+
+
+def _key_images(
+    volume: Volume, sources: Sequence[Dataset], key_slices: Sequence[int]
+) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    """The key slices' source instances (frames, for one multi-frame object)."""
+    nz = volume.image.GetSize()[2]
+    ks = sorted({k for k in key_slices if 0 <= k < nz})
+    if len(sources) == 1 and nz > 1:
+        if not ks:
+            return []
+        return [
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(sources[0], [k + 1 for k in ks])
+        ]
+    return [
+        hd.sr.SourceImageForMeasurementGroup.from_source_image(sources[k])
+        for k in ks
+        if k < len(sources)
+    ]
+
+
+def _measurement_group(
+    card: ModelCard, prediction: Prediction, volume: Volume, sources: Sequence[Dataset]
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    if not prediction.measurements:
+        return []
+    for m in prediction.measurements:
+        if m.probability and not 0.0 <= m.value <= 1.0:
+            raise ResultError(
+                f"model {card.name}: measurement {m.name!r} is a probability but {m.value:g} "
+                "is not in [0, 1]"
+            )
+    items = [
+        hd.sr.Measurement(
+            name=measurement_concept(m),
+            value=float(m.value),
+            unit=_unit("1" if m.probability else m.unit),
+            algorithm_id=_algorithm(card),
+        )
+        for m in prediction.measurements
+    ]
+    images = _key_images(volume, sources, prediction.key_slices)
+    return [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=hd.UID(), identifier=f"{card.name} measurements"[:64]
+            ),
+            algorithm_id=_algorithm(card),
+            measurements=items,
+            source_images=images or None,
+        )
+    ]
+
+
 def build_sr(
     volume: Volume,
     prediction: Prediction,
@@ -152,7 +255,8 @@ def build_sr(
         The reference volume; its source instances are the evidence.
     prediction : aenode.records.Prediction
         ``findings`` (or, when empty, ``class_probabilities`` decided by the card's head)
-        become qualitative evaluations with their probability.
+        become qualitative evaluations with their probability; ``measurements`` numeric
+        items of one group whose source images are the ``key_slices``.
     card : aenode.infer.cards.ModelCard
         Labels (coded finding type, category and type modifier) and classes (code, head).
     settings : aenode.config.ResultsSettings
@@ -165,6 +269,11 @@ def build_sr(
     Returns
     -------
     highdicom.sr.Comprehensive3DSR
+
+    Raises
+    ------
+    ResultError
+        If a probability measurement is outside [0, 1].
     """
     sources = reference_datasets(volume)
     device = hd.sr.ObserverContext(
@@ -182,6 +291,7 @@ def build_sr(
     ] = []
     groups += _volume_groups(card, volumes_mm3, seg, volume.series.series_uid)
     groups += _class_groups(card, prediction)
+    groups += _measurement_group(card, prediction, volume, sources)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=_IMAGING_PROCEDURE,

@@ -93,6 +93,14 @@ class NodeSettings(_Section):
         le=64,
         description="receiving processes sharing the port (SO_REUSEPORT); 0 picks the CPU count",
     )
+    stop_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        le=600,
+        description="after SIGTERM/SIGINT the node exits within this many seconds in every "
+        "state (loading models, receiving, running a job); unfinished jobs resume at the "
+        "next start",
+    )
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)

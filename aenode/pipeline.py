@@ -1,12 +1,14 @@
 """Wiring of the stages for ``aenode serve``: one process by default.
 
-Start-up: recover the spool, the store's half-done work and the outbox; load and validate
-the model packages and the rules (a bad one stops start-up before anything is accepted);
-fork the receiving processes; then run, each in its own thread, the assembler (series
-completion), the dispatcher (selection: complete series -> jobs), the job workers
-(volume -> inference -> result objects -> outbox; they start after one synthetic warm-up
-job per model, so the first study does not pay for cold caches) and the outbox (C-STORE
-with retries).
+Start-up fails fast: load and validate the model packages and the rules (role names
+against the cards), check ``runtime.device``, recover the spool, the store's half-done work
+and the outbox, load every model on its device and run one synthetic warm-up job per model
+(so the first study does not pay for cold caches); only then fork the receiving processes
+and listen. A problem at any step stops start-up before anything is accepted. Then run,
+each in its own thread, the assembler (series completion), the dispatcher (selection:
+complete series -> jobs), the job workers (volume -> inference -> result objects -> outbox)
+and the outbox (C-STORE with retries). If a stage stops for good later, the node refuses
+new C-STOREs (:mod:`aenode.health`) instead of taking in data it would never process.
 Stages talk only through the store, so each could later run on another machine.
 """
 
@@ -14,19 +16,26 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 from aenode.assemble import SERIES_TOPIC, Assembler, close_stale_associations
 from aenode.config import Settings
 from aenode.dispatch import Dispatcher
 from aenode.export.outbox import Outbox
-from aenode.infer.registry import Registry
-from aenode.infer.runtime import Runtime
+from aenode.health import clear_refusal, refuse
+from aenode.infer.registry import Registry, RegistryError
+from aenode.infer.runtime import Runtime, resolve_devices
 from aenode.jobs import JobRunner, requeue_interrupted
 from aenode.receive.spool import recover_spool
 from aenode.receive.workers import ReceiverPool
 from aenode.select.rules import compile_rules
-from aenode.select.studies import StudyTracker, role_requirements
+from aenode.select.studies import (
+    StudyTracker,
+    check_rule_roles,
+    role_requirements,
+    role_waits,
+)
 from aenode.store import Store
 from aenode.warmup import warm_up
 
@@ -56,6 +65,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._store: Store | None = None
         self._runtime: Runtime | None = None
+        self.refusal: str | None = None
 
     def start(self) -> None:
         """Recover from a previous run, start listening, then assembly and hand-over.
@@ -70,11 +80,15 @@ class Node:
             If a selection rule names a model that is not loaded.
         """
         settings = self.settings
-        # Models and rules first: a node that cannot run its models accepts nothing.
+        # Models, rules and devices first: a node that cannot run its models accepts nothing.
         registry = Registry.load(settings.models)
         rules = compile_rules(settings.selection.rules, known_models=registry.names())
+        cards = {name: registry.card(name) for name in registry.names()}
+        check_rule_roles(settings.selection.rules, cards)
+        resolve_devices(settings.runtime.device)  # ConfigError naming runtime.device
         log.info("models loaded: %s; %d selection rule(s)", registry.names(), len(rules))
         self.root.mkdir(parents=True, exist_ok=True)
+        clear_refusal(self.root)
         store = Store(self.db)
         calling_ae = settings.calling_ae
         try:
@@ -98,19 +112,32 @@ class Node:
                 jobs_again,
                 sending_again,
             )
-        # Fork the receivers before this process opens connections or starts threads.
+        # Every model loaded on its device and warm (one synthetic job each) before the
+        # node listens: a model that cannot run stops start-up instead of taking in studies.
+        self._runtime = runtime = Runtime(registry, settings.runtime)
+        failures: dict[str, str] = {}
+        warm_up(registry, runtime, settings.results, failures)
+        fatal = {
+            name: why
+            for name, why in failures.items()
+            if registry.card(name).runtime.format in ("torchscript", "state_dict")
+        }
+        if fatal:
+            raise RegistryError(
+                "; ".join(f"model {name}: warm-up failed: {why}" for name, why in fatal.items())
+            )
+        # The receivers fork now; they use neither torch nor the runtime's threads.
         self.receivers.start()
         self._store = store = Store(self.db)
-        cards = {name: registry.card(name) for name in registry.names()}
         tracker = StudyTracker(
             store,
             rules,
             role_requirements(cards),
             timeout=settings.selection.study_timeout_seconds,
+            waits=role_waits(cards),
         )
-        self._runtime = Runtime(registry, settings.runtime)
         outbox = Outbox(store, settings.export, calling_ae)
-        runner = JobRunner(settings, store, registry, self._runtime, outbox)
+        runner = JobRunner(settings, store, registry, runtime, outbox)
         assembler = Assembler(store, settings)
         poll = settings.series.poll_seconds
         dispatcher = Dispatcher(store, tracker, poll)
@@ -120,42 +147,69 @@ class Node:
             threading.Thread(target=dispatcher.run, args=(stop,), name="dispatcher"),
             threading.Thread(target=outbox.run, args=(stop, poll), name="outbox"),
         ]
-        runtime = self._runtime
-
-        def warm_then_run_jobs() -> None:
-            # Receiving, assembly and selection already run; jobs start once models are warm.
-            warm_up(registry, runtime, settings.results)
-            workers = [
-                threading.Thread(
-                    target=runner.run_forever,
-                    args=(stop, dispatcher.wakeup, poll),
-                    name=f"job-{i}",
-                )
-                for i in range(JOB_WORKERS)
-            ]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-
-        self._threads.append(threading.Thread(target=warm_then_run_jobs, name="jobs"))
+        self._threads += [
+            threading.Thread(
+                target=runner.run_forever,
+                args=(stop, dispatcher.wakeup, poll),
+                name=f"job-{i}",
+            )
+            for i in range(JOB_WORKERS)
+        ]
         for thread in self._threads:
             thread.start()
 
+    def fail(self, reason: str) -> None:
+        """Refuse new C-STOREs from now on, with ``reason`` (a model or stage failed for good).
+
+        The flag (:mod:`aenode.health`) is seen by every receiving process within a second
+        and by ``aenode status``; a restart checks everything again and clears it.
+        """
+        if self.refusal is None:
+            self.refusal = reason
+            refuse(self.root, reason)
+
+    def check_health(self) -> str | None:
+        """Refuse C-STOREs once a stage's thread has died; returns the refusal reason or None."""
+        if not self.stop_event.is_set():
+            for thread in self._threads:
+                if not thread.is_alive():
+                    self.fail(
+                        f"the {thread.name} worker stopped; nothing received would be "
+                        "processed (see the log, then restart the node)"
+                    )
+                    break
+        return self.refusal
+
     def wait(self, interval: float = 1.0) -> None:
-        """Block until :attr:`stop_event` is set, restarting receivers that died."""
+        """Block until :attr:`stop_event` is set, restarting receivers that died and
+        refusing C-STOREs once a stage has stopped for good (:meth:`check_health`)."""
         while not self.stop_event.wait(interval):
             self.receivers.check()
+            self.check_health()
 
     def stop(self) -> None:
-        """Stop receiving (letting running associations finish), then the workers."""
+        """Stop receiving (letting running associations finish), then the workers.
+
+        Waits at most ``node.stop_timeout_seconds`` in all; a job still running then is
+        left ``running`` and resumes at the next start (``aenode serve`` exits anyway).
+        """
         self.stop_event.set()
-        self.receivers.stop()
+        deadline = time.monotonic() + self.settings.node.stop_timeout_seconds
+        self.receivers.stop(timeout=max(1.0, min(15.0, deadline - time.monotonic())))
         for thread in self._threads:
-            thread.join(30)
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._runtime is not None:
-            self._runtime.close()
-            self._runtime = None
+            runtime, self._runtime = self._runtime, None
+            closer = threading.Thread(target=runtime.close, name="runtime-close", daemon=True)
+            closer.start()
+            closer.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            log.warning(
+                "stopped with work in flight after node.stop_timeout_seconds (%g s); "
+                "unfinished jobs resume at the next start",
+                self.settings.node.stop_timeout_seconds,
+            )
+            return  # the store stays open for the threads still using it; the process exits
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -83,7 +83,12 @@ def synthetic_series(folder: Path, slices: int = 8, size: int = 24) -> list[Path
     return paths
 
 
-def warm_up(registry: Registry, runtime: Runtime, settings: ResultsSettings) -> dict[str, float]:
+def warm_up(
+    registry: Registry,
+    runtime: Runtime,
+    settings: ResultsSettings,
+    failures: dict[str, str] | None = None,
+) -> dict[str, float]:
     """Run one synthetic job per loaded model; failures are logged and change nothing.
 
     Parameters
@@ -94,6 +99,9 @@ def warm_up(registry: Registry, runtime: Runtime, settings: ResultsSettings) -> 
         The device workers to warm.
     settings : ResultsSettings
         The result objects to build (written to a temporary folder, then deleted).
+    failures : dict or None
+        When given, model name -> reason is added for each model whose warm-up failed
+        (``aenode serve`` refuses to start on them).
 
     Returns
     -------
@@ -124,6 +132,8 @@ def warm_up(registry: Registry, runtime: Runtime, settings: ResultsSettings) -> 
                 write_results(job, volumes, prediction, card, settings, Path(tmp) / name)
             except (InferenceError, ResultError, ValueError, OSError) as exc:
                 log.warning("warm-up of model %s failed: %s", name, exc, extra={"model": name})
+                if failures is not None:
+                    failures[name] = str(exc)
                 continue
             seconds[name] = time.perf_counter() - t0
             log.info("model %s warm (%.2f s)", name, seconds[name], extra={"model": name})

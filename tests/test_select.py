@@ -520,3 +520,19 @@ def test_tester_uses_the_card_geometry(
         == 0
     )
     assert "would be" not in capsys.readouterr().out
+
+
+def test_the_study_rule_example_of_docs_models_md(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The worked example's rule, as written in docs/models.md, on the ISLES'22 study."""
+    text = (ROOT / "docs" / "models.md").read_text()
+    block = text.split("# config.yaml\n", 1)[1].split("```", 1)[0]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(block)
+    write_isles_study(tmp_path / "isles", data_dir)
+    assert main(["--config", str(cfg), "select", "--json", str(tmp_path / "isles")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    roles = {s["description"]: [m["role"] for m in s["matches"]] for s in result["series"]}
+    assert roles == {"DWI": ["dwi"], "ADC": ["adc"], "FLAIR": ["flair"]}
+    assert result["studies"][0]["missing"] == []

@@ -12,11 +12,18 @@ import pytest
 import SimpleITK as sitk
 from isles import nifti_path, write_isles_study
 
+from aenode.errors import ConfigError
 from aenode.infer.cards import ModelCard
 from aenode.records import SeriesInfo
 from aenode.select.rules import Rule, compile_rules
 from aenode.select.spec import RuleSpec
-from aenode.select.studies import StudyTracker, job_from_row, role_requirements
+from aenode.select.studies import (
+    StudyTracker,
+    check_rule_roles,
+    job_from_row,
+    role_requirements,
+    role_waits,
+)
 from aenode.store import Store
 from aenode.volume import build_volume
 
@@ -139,22 +146,72 @@ def test_study_roles_survive_restart(
     assert [sorted(j.inputs) for j in jobs] == [["adc", "dwi", "flair"]]
 
 
-def test_timeout_runs_without_optional_role(
+def test_optional_role_does_not_hold_the_job(
     tmp_path: Path, isles: tuple[str, dict[str, list[Path]]]
 ) -> None:
+    """Once the required roles are there the job starts; a missing optional role is left out."""
     study_uid, files = isles
     card = _card({"name": "flair", "required": False})
     tracker = _tracker(tmp_path, role_requirements({"stroke": card}))
     assert tracker.on_series(*_series(files["dwi"]), now=T0) == []
-    assert tracker.on_series(*_series(files["adc"]), now=T0 + 5) == []
-    assert tracker.due(T0 + 5 + 119) == []  # not yet: 120 s after the last role match
-    jobs = tracker.due(T0 + 5 + 121)
+    jobs = tracker.on_series(*_series(files["adc"]), now=T0 + 5)
     assert len(jobs) == 1
     assert sorted(jobs[0].inputs) == ["adc", "dwi"]
     assert tracker.study_state("stroke", study_uid) == ("started", None)
     assert tracker.due(T0 + 10_000) == []
     # flair arriving after the job started is not used
     assert tracker.on_series(*_series(files["flair"]), now=T0 + 200) == []
+
+
+def test_optional_role_with_wait_seconds_waits_that_long(
+    tmp_path: Path, isles: tuple[str, dict[str, list[Path]]]
+) -> None:
+    """``inputs.roles[].wait_seconds``: the job waits for the optional role, at most that long."""
+    study_uid, files = isles
+    card = _card({"name": "flair", "required": False, "wait_seconds": 30})
+    store = Store(tmp_path / "aenode.db")
+    cards = {"stroke": card}
+    tracker = StudyTracker(
+        store,
+        _rules(STROKE, HIPPO),
+        role_requirements(cards),
+        timeout=120.0,
+        waits=role_waits(cards),
+    )
+    assert tracker.on_series(*_series(files["dwi"]), now=T0) == []
+    assert tracker.on_series(*_series(files["adc"]), now=T0 + 5) == []
+    assert tracker.due(T0 + 5 + 29) == []  # still within wait_seconds
+    jobs = tracker.due(T0 + 5 + 31)
+    assert len(jobs) == 1 and sorted(jobs[0].inputs) == ["adc", "dwi"]
+    assert tracker.study_state("stroke", study_uid) == ("started", None)
+
+
+def test_optional_role_arriving_within_its_wait_is_used(
+    tmp_path: Path, isles: tuple[str, dict[str, list[Path]]]
+) -> None:
+    card = _card({"name": "flair", "required": False, "wait_seconds": 30})
+    cards = {"stroke": card}
+    tracker = StudyTracker(
+        Store(tmp_path / "aenode.db"),
+        _rules(STROKE, HIPPO),
+        role_requirements(cards),
+        timeout=120.0,
+        waits=role_waits(cards),
+    )
+    assert tracker.on_series(*_series(files_of(isles, "dwi")), now=T0) == []
+    assert tracker.on_series(*_series(files_of(isles, "adc")), now=T0 + 5) == []
+    assert tracker.due(T0 + 20) == []
+    jobs = tracker.on_series(*_series(files_of(isles, "flair")), now=T0 + 20)
+    assert len(jobs) == 1 and sorted(jobs[0].inputs) == ["adc", "dwi", "flair"]
+
+
+def files_of(isles: tuple[str, dict[str, list[Path]]], role: str) -> list[Path]:
+    return isles[1][role]
+
+
+def test_wait_seconds_is_only_for_optional_roles() -> None:
+    with pytest.raises(ValueError, match="wait_seconds: only for an optional role"):
+        _card({"name": "flair", "required": True, "wait_seconds": 30})
 
 
 def test_timeout_records_missing_required_role(
@@ -240,3 +297,45 @@ def test_series_fills_one_role_per_rule(
     assert [(j.inputs["first"].description, j.inputs["second"].description) for j in jobs] == [
         ("DWI", "ADC")
     ]
+
+
+def test_rule_role_names_are_checked_against_the_card() -> None:
+    card = _card({"name": "flair", "required": False})
+    bad = RuleSpec.model_validate(
+        {
+            "name": "stroke",
+            "models": ["stroke"],
+            "roles": {
+                "dwi": {"tag": "SeriesDescription", "equals": "DWI"},
+                "adc": {"tag": "SeriesDescription", "equals": "ADC"},
+                "t2": {"tag": "SeriesDescription", "equals": "T2"},
+            },
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"selection.rules\[0\].roles.t2: model 'stroke' has no "
+        r"input role 't2' \(its card's inputs.roles: dwi, adc, flair\)",
+    ):
+        check_rule_roles([bad], {"stroke": card})
+    short = RuleSpec.model_validate(
+        {"name": "s", "models": ["stroke"], "roles": {"dwi": {"tag": "Modality", "equals": "MR"}}}
+    )
+    with pytest.raises(ConfigError, match=r"requires role\(s\) adc that the rule does not select"):
+        check_rule_roles([short], {"stroke": card})
+    series_rule = RuleSpec.model_validate(
+        {"name": "s", "models": ["stroke"], "series": {"tag": "Modality", "equals": "MR"}}
+    )
+    with pytest.raises(ConfigError, match=r"selection.rules\[0\].series: a series rule gives"):
+        check_rule_roles([series_rule], {"stroke": card})
+    good = RuleSpec.model_validate(
+        {
+            "name": "stroke",
+            "models": ["stroke"],
+            "roles": {
+                "dwi": {"tag": "SeriesDescription", "equals": "DWI"},
+                "adc": {"tag": "SeriesDescription", "equals": "ADC"},
+            },
+        }
+    )
+    check_rule_roles([good], {"stroke": card})  # flair is optional: may be left out

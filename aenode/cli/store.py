@@ -6,11 +6,13 @@ import argparse
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from aenode.config import Settings
 from aenode.errors import InputError
 from aenode.export.outbox import Outbox
+from aenode.health import read_refusal
 from aenode.jobs import JobRecord, recent_jobs, retry_job
 from aenode.status import open_store, status_report
 
@@ -53,11 +55,19 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
         store.close()
     series = [{**asdict(s), "state": s.state.value} for s in report.series]
     jobs = [_job_dict(j) for j in report.jobs]
+    refusing = read_refusal(Path(settings.storage.path))
     if args.json:
         handover = {state.value: n for state, n in report.handover.items()}
-        print(json.dumps({"series": series, "handover": handover, "jobs": jobs}, indent=2))
+        print(
+            json.dumps(
+                {"refusing": refusing, "series": series, "handover": handover, "jobs": jobs},
+                indent=2,
+            )
+        )
         return 0
-    if not series:
+    if refusing:
+        print(f"node refusing new C-STOREs (0xA700): {refusing}")
+    if not series and not jobs:
         print("no series received yet")
         return 0
     print(

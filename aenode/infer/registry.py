@@ -530,6 +530,10 @@ def check_selection(settings: Settings) -> list[str]:
         If a rule names a model that is not there; the message names the key path
         (``selection.rules[0].models[0]: unknown model 'lungs' (known: hippocampus)``).
     """
+    from aenode.select.studies import check_rule_roles
+
     registry = Registry.load(settings.models)
     compile_rules(settings.selection.rules, known_models=registry.names())
+    cards = {name: registry.card(name) for name in registry.names()}
+    check_rule_roles(settings.selection.rules, cards)
     return registry.names()

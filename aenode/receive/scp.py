@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from aenode.assemble import record_association_end
 from aenode.config import PeerSettings, Settings
+from aenode.health import RefusalCheck
 from aenode.receive.check import check_structure, failure_status
 from aenode.receive.guard import (
     LISTEN_BACKLOG,
@@ -45,6 +46,7 @@ from aenode.receive.guard import (
     refuse_over_limit,
 )
 from aenode.receive.header import InvalidInstance, header_from_dataset, parse_header
+from aenode.receive.negotiation import describe, storage_contexts
 from aenode.receive.spool import OutOfSpace, Spool
 from aenode.store import Store
 
@@ -136,6 +138,7 @@ class Receiver:
     store: Store
     spool: Spool
     slots: AssociationSlots | None = None
+    refusal: RefusalCheck | None = None
     _assocs: dict[int, _AssocState] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -202,6 +205,40 @@ def handle_requested(event: Event, receiver: Receiver) -> None:
         return
     if receiver.slots is not None:
         refuse_over_limit(event, receiver.slots)
+        if event.assoc.is_rejected or event.assoc.is_aborted:
+            return
+    negotiate_storage(event, receiver.settings.node.accept_unknown_storage, calling)
+
+
+def negotiate_storage(event: Event, accept_unknown: bool, calling: str) -> None:
+    """EVT_REQUESTED helper: support the proposed storage-like contexts, log the refused.
+
+    With ``accept_unknown`` every storage-like abstract syntax proposed
+    (:func:`aenode.receive.negotiation.is_storage_like`) is supported for this association
+    with the proposed transfer syntaxes; anything else (query/retrieve, worklist, ...) is
+    refused at negotiation. Every refused context is logged with what was proposed.
+    """
+    acceptor = event.assoc.acceptor
+    proposed = event.assoc.requestor.requested_contexts
+    supported = [str(cx.abstract_syntax) for cx in acceptor.supported_contexts]
+    added, refused = storage_contexts(proposed, supported)
+    if accept_unknown and added:
+        acceptor.supported_contexts = [*acceptor.supported_contexts, *added]
+    elif not accept_unknown:
+        refused += [
+            describe(str(cx.abstract_syntax)) for cx in added
+        ]  # unknown storage classes are refused too
+    if refused:
+        usable = len({str(cx.abstract_syntax) for cx in proposed}) - len(refused)
+        log.warning(
+            "association from %s: refused presentation context(s) %s (not storage or "
+            "verification)%s; proposed: %s",
+            calling or "?",
+            ", ".join(refused),
+            "" if usable > 0 else ": no context left, the association is refused",
+            ", ".join(sorted({describe(str(cx.abstract_syntax)) for cx in proposed})),
+            extra={"peer_ae": calling},
+        )
 
 
 def handle_echo(event: Event) -> int:
@@ -224,6 +261,12 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     state = receiver.state(event)
     ctx: dict[str, Any] = {"peer_ae": state.calling_ae, "assoc": state.assoc_id}
     request = cast(C_STORE, event.request)
+    refused = receiver.refusal.reason() if receiver.refusal is not None else None
+    if refused is not None:
+        # Data the node would never process is not accepted (aenode.health).
+        ctx["sop_uid"] = str(request.AffectedSOPInstanceUID)
+        log.error("C-STORE refused (0xA700): node cannot process: %s", refused, extra=ctx)
+        return failure_status(STATUS_OUT_OF_RESOURCES, f"cannot process: {refused}")
     try:
         stream = cast(BytesIO, request.DataSet).getvalue()
         ts = str(event.context.transfer_syntax)
@@ -293,8 +336,8 @@ def handle_ended(event: Event, receiver: Receiver) -> None:
 def _contexts(accept_unknown: bool) -> list[PresentationContext]:
     verification = build_context(Verification)
     if accept_unknown:
-        # pynetdicom's unrestricted storage accepts any storage-like abstract syntax
-        # with the first transfer syntax the peer proposed (no transcoding).
+        # Storage-like contexts are added per association as proposed, with the peer's
+        # transfer syntaxes (no transcoding): see negotiate_storage.
         return [verification]
     contexts = [verification]
     for cx in AllStoragePresentationContexts:
@@ -320,7 +363,10 @@ def build_ae(settings: Settings, receivers: int) -> AE:
     """
     node = settings.node
     # Process-wide in pynetdicom; each receiving process is ours alone.
-    _config.UNRESTRICTED_STORAGE_SERVICE = node.accept_unknown_storage
+    # Not pynetdicom's unrestricted storage: its negotiation takes any abstract syntax it
+    # has no keyword for as storage (a worklist C-FIND was accepted, answered 0xC311).
+    # negotiate_storage supports the storage-like contexts per association instead.
+    _config.UNRESTRICTED_STORAGE_SERVICE = False
     # No per-PDU debug formatting on the hot path (aenode logs what matters itself).
     _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=node.ae_title)
@@ -371,7 +417,13 @@ def serve_receiver(
     store = Store(root / "aenode.db")
     if slots is None:
         slots = AssociationSlots(settings.node.max_associations, [0])
-    receiver = Receiver(settings=settings, store=store, spool=Spool(settings, store), slots=slots)
+    receiver = Receiver(
+        settings=settings,
+        store=store,
+        spool=Spool(settings, store),
+        slots=slots,
+        refusal=RefusalCheck(Path(settings.storage.path)),
+    )
     ae = build_ae(settings, receivers)
     handlers: list[EventHandlerType] = [
         (evt.EVT_REQUESTED, handle_requested, [receiver]),

@@ -35,12 +35,15 @@ from aenode.store import Store
 
 if TYPE_CHECKING:
     from aenode.infer.cards import ModelCard
+    from aenode.select.spec import RuleSpec
 
 __all__ = [
     "SERIES_ROLE",
     "StudyTracker",
+    "check_rule_roles",
     "job_from_row",
     "role_requirements",
+    "role_waits",
     "series_from_json",
     "series_to_json",
 ]
@@ -64,6 +67,69 @@ def role_requirements(cards: Mapping[str, ModelCard]) -> dict[str, dict[str, boo
     dict of str to dict of str to bool
     """
     return {name: {r.name: r.required for r in card.inputs.roles} for name, card in cards.items()}
+
+
+def role_waits(cards: Mapping[str, ModelCard]) -> dict[str, dict[str, float]]:
+    """Model name -> optional role -> ``wait_seconds``, from the cards' ``inputs.roles``."""
+    return {
+        name: {r.name: r.wait_seconds for r in card.inputs.roles if not r.required}
+        for name, card in cards.items()
+    }
+
+
+def check_rule_roles(rules: Sequence[RuleSpec], cards: Mapping[str, ModelCard]) -> None:
+    """Check that each rule gives each of its models the roles its card names.
+
+    A study rule's role names must be roles of every model's card, and every required
+    role of the card must be among them; a series rule gives one series as role
+    ``image``, so its models must take that role (and need no other).
+
+    Parameters
+    ----------
+    rules : sequence of RuleSpec
+        ``selection.rules``.
+    cards : mapping of str to ModelCard
+        The loaded cards; models not in it are left to the model-name check.
+
+    Raises
+    ------
+    aenode.config.ConfigError
+        Naming the key path, e.g. ``selection.rules[1].roles.flair: model 'stroke' has no
+        input role 'flair' (its card's inputs.roles: dwi, adc)``.
+    """
+    from aenode.config import ConfigError
+
+    errors = []
+    for i, rule in enumerate(rules):
+        for model in rule.models:
+            card = cards.get(model)
+            if card is None:
+                continue
+            names = [r.name for r in card.inputs.roles]
+            required = [r.name for r in card.inputs.roles if r.required]
+            shown = ", ".join(names)
+            if rule.roles is None:
+                if SERIES_ROLE not in names or set(required) - {SERIES_ROLE}:
+                    errors.append(
+                        f"selection.rules[{i}].series: a series rule gives model {model!r} "
+                        f"one series as role {SERIES_ROLE!r}, but its card's inputs.roles are "
+                        f"{shown}; write a study rule with roles: {shown}"
+                    )
+                continue
+            for role in rule.roles:
+                if role not in names:
+                    errors.append(
+                        f"selection.rules[{i}].roles.{role}: model {model!r} has no input role "
+                        f"{role!r} (its card's inputs.roles: {shown})"
+                    )
+            missing = [r for r in required if r not in rule.roles]
+            if missing:
+                errors.append(
+                    f"selection.rules[{i}].roles: model {model!r} requires role(s) "
+                    f"{', '.join(missing)} that the rule does not select"
+                )
+    if errors:
+        raise ConfigError("; ".join(errors))
 
 
 def _move(
@@ -93,6 +159,10 @@ class StudyTracker:
     timeout : float
         Seconds after a study's last role match before :meth:`due` decides without the
         missing roles (``settings.selection.study_timeout_seconds``).
+    waits : mapping of str to mapping of str to float or None
+        Model name -> optional role -> seconds to wait for it once the required roles are
+        there (the card's ``inputs.roles[].wait_seconds``); a role not listed is not waited
+        for: the job starts as soon as every required role is filled.
     """
 
     def __init__(
@@ -102,12 +172,29 @@ class StudyTracker:
         role_requirements: Mapping[str, Mapping[str, bool]],
         *,
         timeout: float = 120.0,
+        waits: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self.store = store
         self.rules = list(rules)
         self._by_name = {r.name: r for r in self.rules}
         self.role_requirements = {m: dict(r) for m, r in role_requirements.items()}
         self.timeout = timeout
+        self.waits = {m: dict(w) for m, w in (waits or {}).items()}
+
+    def _ready(self, rule: Rule, absent: Sequence[str], waited: float) -> bool:
+        """Whether every model of ``rule`` can start without the ``absent`` roles now.
+
+        True when each absent role is optional for each model and its ``wait_seconds``
+        (default 0) has passed (``waited``: seconds since the last role was filled).
+        """
+        for model in rule.models:
+            needs = self.role_requirements.get(model, {})
+            if any(needs.get(r, True) for r in absent):
+                return False
+            waits = self.waits.get(model, {})
+            if any(waits.get(r, 0.0) > waited for r in absent):
+                return False
+        return True
 
     # -- recording -----------------------------------------------------------------------
 
@@ -281,8 +368,15 @@ class StudyTracker:
             f"waiting for {', '.join(missing)}" if missing else "all roles present",
             extra=extra,
         )
-        if missing:
+        if missing and not self._ready(rule, missing, 0.0):
             return []
+        if missing:
+            log.info(
+                "rule %s: required roles present; starting without optional role(s) %s",
+                rule.name,
+                ", ".join(missing),
+                extra=extra,
+            )
         jobs = []
         for model in rule.models:
             job = self._record(conn, rule, model, study, present, now)
@@ -309,18 +403,32 @@ class StudyTracker:
         jobs: list[Job] = []
         with self.store.transaction() as conn:
             rows = conn.execute(
-                "SELECT rule, study_uid FROM select_studies WHERE state=? AND last_match<=?",
-                (StudyRuleState.WAITING, now - self.timeout),
+                "SELECT rule, study_uid, last_match FROM select_studies WHERE state=?",
+                (StudyRuleState.WAITING,),
             ).fetchall()
             for row in rows:
                 rule = self._by_name.get(row["rule"])
                 study = row["study_uid"]
+                waited = now - row["last_match"]
                 if rule is None:
+                    if waited < self.timeout:
+                        continue
                     gone = f"rule {row['rule']} is no longer configured"
                     _move(conn, row["rule"], study, StudyRuleState.MISSING, gone)
                     continue
                 present = self._roles(conn, rule, study)
                 absent = [r for r in rule.roles if r not in present]
+                if waited < self.timeout:
+                    # Before the timeout only optional roles' wait_seconds can run out.
+                    if not self._ready(rule, absent, waited):
+                        continue
+                    log.info(
+                        "rule %s: starting without optional role(s) %s after %.0f s",
+                        rule.name,
+                        ", ".join(absent),
+                        waited,
+                        extra={"study": study},
+                    )
                 reasons = []
                 started = False
                 for model in rule.models:

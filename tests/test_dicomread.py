@@ -100,7 +100,7 @@ def test_select_command_names_the_unreadable_tag(
     report = json.loads(capsys.readouterr().out)
     (series,) = report["series"]
     assert series["matches"] == [] and series["modality"] == ""
-    (failure,) = series["failures"]
+    failure = series["failures"][0]
     assert failure["rule"] == "hippocampus"
     assert failure["reason"].startswith(UNKNOWN_VR)
     assert failure["reason"].endswith("treated as absent (wanted 'MR')")

@@ -52,7 +52,8 @@ def test_cq500_slices_become_training_sized_brain_window_crops(data_dir: Path) -
     per = round(headct.SLAB_MM / vol.image.GetSpacing()[2])
     assert per == 8 and len(slabs) == 2
     assert slabs[0].slices == tuple(range(8))
-    hu = sitk.GetArrayViewFromImage(sitk.DICOMOrient(vol.image, "LPS"))[:8].astype(np.float32)
+    oriented = sitk.DICOMOrient(vol.image, "LPS")  # kept: a view of a freed image is garbage
+    hu = sitk.GetArrayViewFromImage(oriented)[:8].astype(np.float32)
     np.testing.assert_array_equal(slabs[0].image, headct.window_to_uint8(hu.mean(axis=0)))
     # mid-brain: a closed skull ring around about 150 cm^2 of brain, so it is classified
     assert all(s.classifiable for s in slabs)

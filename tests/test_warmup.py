@@ -29,5 +29,10 @@ def test_warm_up_runs_every_model_and_cleans_up(
     registry = Registry.load(ModelsSettings(path=ROOT / "models"))
     with Runtime(registry, RuntimeSettings(device="cpu")) as runtime:
         seconds = warm_up(registry, runtime, ResultsSettings())
-    assert set(seconds) == set(registry.names()) == {"hippocampus"}
+    warmed = {
+        n
+        for n in registry.names()
+        if registry.card(n).runtime.format != "python" or registry.card(n).runtime.warmup
+    }
+    assert set(seconds) == warmed and "hippocampus" in warmed
     assert [p for p in tmp_path.iterdir() if p.name.startswith("aenode-")] == []

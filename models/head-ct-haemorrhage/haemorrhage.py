@@ -59,7 +59,11 @@ def load(package: Path, card: Any, device: Any) -> Any:
         The network in eval mode.
     """
     weights = card.runtime.weights or "model.pt"
-    return headct.load_model(package / weights, headct.MODEL_ARGS)
+    model = headct.load_model(package / weights, headct.MODEL_ARGS)
+    # warm: the node's synthetic warm-up volume is no head CT (runtime.warmup: false), so one
+    # blank slice goes through the network here instead
+    headct.predict(model, np.zeros((1, headct.SIZE, headct.SIZE), dtype=np.float32))
+    return model
 
 
 def key_slices(volume: Volume, slabs: list[headct.Slab], keys: tuple[int, ...]) -> list[int]:

@@ -27,6 +27,7 @@ import SimpleITK as sitk
 
 from aenode import metrics
 from aenode.config import ConfigError, Settings
+from aenode.evaluate_images import evaluate_images, has_images
 from aenode.infer.cards import ModelCard
 from aenode.infer.registry import Registry
 from aenode.infer.runtime import Runtime
@@ -574,6 +575,8 @@ def evaluate_model(
     predictions : pathlib.Path or None
         Segmentation: write each case's predicted label map there (NIfTI, the image's file
         name and grid).
+        A classifier on a folder of PNGs writes ``predictions/predictions.csv`` here
+        (:mod:`aenode.evaluate_images`).
 
     Returns
     -------
@@ -589,6 +592,11 @@ def evaluate_model(
     if model not in registry:
         raise ConfigError(f"--model: {model!r} is not loaded (loaded: {registry.names()})")
     card = registry.card(model)
+    if card.task == "classification" and has_images(images):  # 2D images + labels.csv
+        return {
+            **evaluate_images(registry.get(model), images, labels, predictions),
+            "task": card.task,
+        }
     names = list(cases) if cases is not None else None
     with Runtime(registry, settings.runtime) as runtime:
         if card.task == "segmentation":

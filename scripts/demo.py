@@ -229,7 +229,9 @@ def demo(study: Path) -> int:
     )
     print(f"sending {study} to Orthanc with storescu ...")
     subprocess.run(
-        [storescu, "-aec", ORTHANC_AET, "+sd", "+r", "127.0.0.1", str(dicom_port), str(study)],
+        # -xs: JPEG lossless files (CQ500) go as they are; uncompressed ones as before
+        [storescu, "-xs", "-aec", ORTHANC_AET, "+sd", "+r", "127.0.0.1", str(dicom_port)]
+        + [str(study)],
         check=True,
     )
     t_sent = time.time()

@@ -69,12 +69,11 @@ def test_config_check_names_the_key_path_of_an_unknown_model(
 ) -> None:
     assert main(["config", "check", str(_models_config(tmp_path, "lungs"))]) == 2
     err = capsys.readouterr().err
-    assert (
-        "selection.rules[1].models[1]: unknown model 'lungs' (known: brain-tumour, hippocampus"
-        in err
-    )
+    assert "selection.rules[1].models[1]: unknown model 'lungs' (known: " in err
+    assert "hippocampus" in err.split("(known: ", 1)[1]
     assert main(["config", "check", str(_models_config(tmp_path, "hippocampus"))]) == 0
-    assert "OK (2 selection rule(s), models: brain-tumour, hippocampus" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK (2 selection rule(s), models: " in out and "hippocampus" in out
 
 
 @pytest.mark.parametrize("where", ["before", "after"])

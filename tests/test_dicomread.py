@@ -101,7 +101,7 @@ def test_select_command_names_the_unreadable_tag(
     (series,) = report["series"]
     assert series["matches"] == [] and series["modality"] == ""
     failures = {f["rule"]: f for f in series["failures"]}
-    assert sorted(failures) == ["brain-tumour", "hippocampus"]  # every rule says why
+    assert {"brain-tumour", "hippocampus"} <= set(failures)  # every rule says why
     failure = failures["hippocampus"]
     assert failure["reason"].startswith(UNKNOWN_VR)
     assert failure["reason"].endswith("treated as absent (wanted 'MR')")

@@ -9,9 +9,11 @@ course's set-up) and (b) ``OnStableStudy`` posting the study to ``/modalities/ae
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -60,10 +62,11 @@ def _setup(tmp: Path, lua: str) -> tuple[Orthanc, NodeProcess]:
     return orthanc.start(), node.start()
 
 
-def _send_study(orthanc: Orthanc, folder: Path) -> None:
+def _send_study(orthanc: Orthanc, folder: Path, *options: str) -> None:
     result = subprocess.run(
         [
             dcmtk("storescu"),
+            *options,
             "-aec",
             "ORTHANC",
             "+sd",
@@ -284,6 +287,89 @@ def test_both_models_results_reach_the_study(tmp_path: Path, data_dir: Path) -> 
             ("brain-tumour", "done"),
             ("hippocampus", "done"),
         ]
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def _content_items(items: Any) -> list[Any]:
+    """Every content item of an SR tree, depth first."""
+    out = []
+    for item in items or []:
+        out.append(item)
+        out.extend(_content_items(getattr(item, "ContentSequence", None)))
+    return out
+
+
+def test_head_ct_classifier_through_orthanc(tmp_path: Path, data_dir: Path) -> None:
+    """CQ500-CT-0 (tilted, one gap) in, the head CT classifier's SR and SC back, no SEG."""
+    orthanc, node = _setup(tmp_path, ROUTE_STABLE_STUDY)
+    folder = data_dir / "cq500-ct0"
+    head = pydicom.dcmread(folder / "CT000001.dcm", stop_before_pixels=True)
+    study_uid = str(head.StudyInstanceUID)
+    sources = {
+        str(ds.SOPInstanceUID)
+        for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in folder.glob("CT*.dcm"))
+        if ds.SeriesInstanceUID == head.SeriesInstanceUID
+    }
+    assert len(sources) == 238
+    try:
+        # JPEG lossless files: -xs sends them as they are (NOTES.md); the stray slice of
+        # another study goes too and must not make a job
+        _send_study(orthanc, folder, "-xs")
+        deadline = time.monotonic() + 240
+        found: dict[str, list[str]] = {}
+        while time.monotonic() < deadline and not (SC in found and SR in found):
+            time.sleep(0.5)
+            found = _results(orthanc, study_uid)
+        jobs = [dict(j) for j in node.query("SELECT * FROM jobs")]
+        assert SC in found and SR in found, (jobs, node.log_text()[-4000:])
+        assert {k: len(v) for k, v in found.items()} == {SC: 1, SR: 1}  # a classifier: no SEG
+        assert [(j["model"], j["state"]) for j in jobs] == [("head-ct-haemorrhage", "done")]
+        record = json.loads(jobs[0]["findings"])
+        p = record["class_probabilities"]["haemorrhage"]
+        assert 0.0 < p < 1.0
+        [finding] = record["findings"]
+        assert finding["present"] == (p >= finding["threshold"])
+        assert any("gantry tilt of 8.50 degrees" in n for n in record["notes"])
+        # the job as `aenode jobs --json` shows it
+        shown = subprocess.run(
+            [
+                str(ROOT / ".venv" / "bin" / "aenode"),
+                "--config",
+                str(node.config),
+                "jobs",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+        [listed] = json.loads(shown.stdout)["jobs"]
+        assert listed["class_probabilities"]["haemorrhage"] == p
+        sr = _download(orthanc, found[SR][0])
+        items = _content_items(sr.ContentSequence)
+        probabilities = [
+            float(i.MeasuredValueSequence[0].NumericValue)
+            for i in items
+            if i.ValueType == "NUM"
+            and "probability" in i.ConceptNameCodeSequence[0].CodeMeaning.lower()
+            and "MeasuredValueSequence" in i
+        ]
+        assert probabilities and all(v == pytest.approx(p, abs=1e-6) for v in probabilities)
+        texts = " ".join(str(i.TextValue) for i in items if i.ValueType == "TEXT")
+        assert "gantry tilt of 8.50 degrees" in texts and "interpolated" in texts
+        referenced = {
+            str(r.ReferencedSOPInstanceUID)
+            for i in items
+            if i.ValueType == "IMAGE"
+            for r in i.ReferencedSOPSequence
+        }
+        assert referenced and referenced <= sources
+        sc = _download(orthanc, found[SC][0])
+        assert sc.SamplesPerPixel == 3 and sc.Rows > 200
+        assert sc.SeriesInstanceUID != head.SeriesInstanceUID
     finally:
         node.stop()
         orthanc.stop()

@@ -30,7 +30,7 @@ PACKAGE = ROOT / "models" / "head-ct-haemorrhage"
 
 @pytest.fixture(scope="module")
 def card() -> dict:
-    return yaml.safe_load((PACKAGE / "card-draft.yaml").read_text())
+    return yaml.safe_load((PACKAGE / "model.yaml").read_text())
 
 
 def test_window_maps_hu_to_8_bit() -> None:
@@ -158,12 +158,15 @@ def test_aggregation_known_answer() -> None:
         headct.aggregate([0.5], window=2)
 
 
-def test_card_draft_shape_and_statements(card: dict) -> None:
+def test_card_shape_and_statements(card: dict) -> None:
     parsed = ModelCard.model_validate(card)
     assert parsed.task == "classification"
+    assert parsed.outputs.head == "sigmoid"
     assert parsed.outputs.classes[0].name == "haemorrhage"
-    assert parsed.runtime.architecture_args == headct.MODEL_ARGS
-    text = (PACKAGE / "card-draft.yaml").read_text().lower()
+    assert parsed.runtime.format == "python"
+    assert parsed.runtime.entry_point == "haemorrhage.py:predict"
+    assert sorted(card["inputs"]["geometry"]["correct"]) == ["gaps", "tilt"]
+    text = (PACKAGE / "model.yaml").read_text().lower()
     for phrase in [
         "demonstration-grade",
         "research use only",
@@ -177,13 +180,15 @@ def test_card_draft_shape_and_statements(card: dict) -> None:
         lo, hi = cv[name]["ci95"]
         assert lo <= cv[name]["value"] <= hi
     assert card["metrics"]["threshold"] == parsed.outputs.classes[0].threshold
-    assert not (PACKAGE / "model.yaml").exists()  # the node must not load it yet
+    assert not (PACKAGE / "card-draft.yaml").exists()
 
 
-def test_weights_match_card_sha256(card: dict) -> None:
+def test_weights_and_entry_point_match_card_sha256(card: dict) -> None:
     weights = PACKAGE / card["runtime"]["weights"]
     assert weights.stat().st_size < 2_000_000
-    assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["runtime"]["sha256"]
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["runtime"]["weights_sha256"]
+    entry = PACKAGE / card["runtime"]["entry_point"].split(":")[0]
+    assert hashlib.sha256(entry.read_bytes()).hexdigest() == card["runtime"]["sha256"]
 
 
 def test_shipped_model_reproduces_training_predictions(data_dir: Path, card: dict) -> None:

@@ -48,6 +48,8 @@ def test_shipped_package_loads() -> None:
     assert registry.names() == ["hippocampus"]
     everything = Registry.load(ModelsSettings(path=ROOT / "models"))
     assert {"hippocampus", "brain-tumour", "stroke-mismatch"} <= set(everything.names())
+    assert "head-ct-haemorrhage" in everything.names()
+    assert everything.get("head-ct-haemorrhage").is_python
     card = registry.card("hippocampus")
     assert card.task == "segmentation"
     assert [label.value for label in card.outputs.labels] == [1, 2]
@@ -56,7 +58,9 @@ def test_shipped_package_loads() -> None:
     net = registry.get("hippocampus").network
     assert not net.training
     assert all(p.dtype == torch.float32 for p in net.parameters())
-    with pytest.raises(KeyError, match=r"model 'nope' is not loaded \(loaded: \[.*'hippocampus'"):
+    with pytest.raises(
+        KeyError, match=r"model 'nope' is not loaded \(loaded: \[.*'hippocampus'.*\]\)"
+    ):
         registry.get("nope")
     tumour = everything.get("brain-tumour")
     assert tumour.card.runtime.format == "python" and tumour.state is not None

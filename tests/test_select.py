@@ -154,6 +154,8 @@ def test_default_config_rule() -> None:
         ("brain-tumour",),
         False,
     )
+    head_ct = next(r for r in rules if r.name == "head-ct")
+    assert (head_ct.models, head_ct.is_study) == (("head-ct-haemorrhage",), False)
     stroke = next(r for r in rules if r.name == "stroke-mismatch")
     assert (stroke.models, list(stroke.roles)) == (("stroke-mismatch",), ["dwi", "adc", "flair"])
 
@@ -308,6 +310,7 @@ series ...984496684610  MR  'T1pre_reg'  22 instances
 series ...589141676244  MR  'FLAIR_reg'  22 instances
   -> rule brain-tumour: model brain-tumour
   rule hippocampus: SeriesDescription 'FLAIR_reg' does not match '^HippoCrop$'
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...349611688910  MR  'T2_reg'  22 instances
   rule hippocampus: SeriesDescription 'T2_reg' does not match '^HippoCrop$'
   rule brain-tumour: SeriesDescription 'T2_reg' does not match '^.*(?i:flair|dark[-_ ]?fluid).*$'
@@ -323,6 +326,7 @@ series ...268827049467  MR  'dT1'  24 instances
 series ...579028662665  MR  'FLAIR_reg'  24 instances
   -> rule brain-tumour: model brain-tumour
   rule hippocampus: SeriesDescription 'FLAIR_reg' does not match '^HippoCrop$'
+  rule head-ct: Modality 'MR' is not 'CT'
 series ...964504488079  MR  'T2_reg'  24 instances
   rule hippocampus: SeriesDescription 'T2_reg' does not match '^HippoCrop$'
   rule brain-tumour: SeriesDescription 'T2_reg' does not match '^.*(?i:flair|dark[-_ ]?fluid).*$'"""

@@ -43,6 +43,26 @@ def _print_segmentation(report: dict[str, Any]) -> None:
         print(f"{'predictions':>18}: {len(written)} file(s) in {Path(written[0]).parent}")
 
 
+def _print_images(report: dict[str, Any]) -> None:
+    print(
+        f"{report['model']} {report['version']}: {report['n']} image(s), "
+        f"{report['positives']} positive ({report['label_column']}), "
+        f"threshold {report['threshold']:g}"
+    )
+    for name, values in report["metrics"].items():
+        for metric in ("auc", "accuracy", "sensitivity", "specificity"):
+            v = values[metric]
+            lo, hi = v["ci95"]
+            ci = "" if lo is None else f"  95% CI [{lo:.3f}, {hi:.3f}]"
+            print(f"{name} {metric:>12}: {v['value']:.3f}{ci}")
+        print(
+            f"{name} {'confusion':>12}: TP {values['tp']} FN {values['fn']} TN {values['tn']} "
+            f"FP {values['fp']}"
+        )
+    if "predictions_csv" in report:
+        print(f"{'predictions':>12}: {report['predictions_csv']}")
+
+
 def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """Evaluate and print the report (text or JSON).
 
@@ -59,6 +79,8 @@ def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(finite(report)))
     elif report["task"] == "segmentation":
         _print_segmentation(report)
+    elif "label_column" in report:
+        _print_images(report)
     else:
         print(json.dumps(finite(report["metrics"]), indent=2))
     return 0

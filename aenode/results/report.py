@@ -41,6 +41,7 @@ __all__ = [
     "REPORT_SERIES_OFFSET",
     "build_report",
     "central_planes",
+    "key_planes",
     "key_slices",
     "render_page",
 ]
@@ -247,6 +248,63 @@ def central_planes(volume: Volume) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def key_planes(
+    volume: Volume, prediction: Prediction, limit: int = 3
+) -> list[tuple[str, np.ndarray]]:
+    """Up to ``limit`` of a classifier's key slices, evenly spread over them, as planes.
+
+    ``Prediction.key_slices`` index ``volume.datasets`` (the acquired slices); each is found
+    on the volume's grid by its ImagePositionPatient, so that a grid with an interpolated
+    slice (``Volume.correction``) still shows the slice that was acquired.
+
+    Parameters
+    ----------
+    volume : aenode.records.Volume
+        The reference volume.
+    prediction : aenode.records.Prediction
+        Its ``key_slices``.
+    limit : int
+        At most this many planes.
+
+    Returns
+    -------
+    list of (str, numpy.ndarray)
+        Caption and 2-D float32 slice; empty when there are no key slices.
+    """
+    keys = sorted({k for k in prediction.key_slices if 0 <= k < len(volume.datasets)})
+    if not keys:
+        return []
+    picked = sorted({keys[(2 * i + 1) * len(keys) // (2 * limit)] for i in range(limit)})
+    image = sitk.GetArrayViewFromImage(volume.image)
+    nz = image.shape[0]
+    out = []
+    for k in picked:
+        position = volume.datasets[k].get("ImagePositionPatient")
+        if position is None:
+            continue
+        point = [float(v) for v in position]
+        z = int(round(volume.image.TransformPhysicalPointToContinuousIndex(point)[2]))
+        if 0 <= z < nz:
+            caption = f"key slice {k + 1} of {len(volume.datasets)}"
+            out.append((caption, image[z].astype(np.float32)))
+    return out
+
+
+def _note_lines(prediction: Prediction, draw: ImageDraw.ImageDraw, font: Font) -> list[str]:
+    lines = []
+    for note in prediction.notes:
+        words, line = note.split(), ""
+        for word in words:
+            if line and draw.textlength(f"{line} {word}", font=font) > 960:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
 def render_page(
     volume: Volume,
     prediction: Prediction,
@@ -323,6 +381,10 @@ def render_page(
     for line in _finding_lines(prediction, card) + _measurement_lines(prediction, shown):
         draw.text((54, y), line[:110], fill=(0, 0, 0), font=body)
         y += 26
+    if prediction.task == "classification":  # e.g. the geometry correction, the key slabs
+        for line in _note_lines(prediction, draw, small)[:8]:
+            draw.text((30, y), line, fill=(60, 60, 60), font=small)
+            y += 17
 
     window = prediction.display_window
     if prediction.labels is not None and card.outputs.labels:
@@ -349,11 +411,12 @@ def render_page(
                 x += edge + 20
     elif card.task == "classification":
         x = 30
-        for caption, plane in central_planes(volume):
-            tile = _tile(plane, np.zeros((*plane.shape, 0), bool), [], window=window)
+        edge = max(60, min(_TILE, PAGE_SIZE[1] - 60 - (y + 30)))
+        for caption, plane in key_planes(volume, prediction) or central_planes(volume):
+            tile = _tile(plane, np.zeros((*plane.shape, 0), bool), [], window=window, edge=edge)
             page.paste(tile, (x, y + 30))
             draw.text((x, y + 8), caption, fill=(0, 0, 0), font=small)
-            x += _TILE + 20
+            x += edge + 20
 
     draw.rectangle((0, PAGE_SIZE[1] - 50, PAGE_SIZE[0], PAGE_SIZE[1]), fill=(180, 0, 0))
     draw.text((30, PAGE_SIZE[1] - 40), DISCLAIMER, fill=(255, 255, 255), font=body)

@@ -12,6 +12,9 @@ are one more group, "<model> measurements": a numeric item each, its concept the
 measurement's code or a local one (``99AENODE``) named after it; a probability without a
 code reads "Probability of <name>" (unless its name says so already), UCUM ``1``. The
 group's source images are the key slices' instances (``Prediction.key_slices``).
+
+Each of the prediction's notes (e.g. a gantry-tilt correction) is a TEXT item (DCM 121106
+Comment) in the report's root container.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = ["SR_SERIES_OFFSET", "build_sr", "measurement_concept"]
 SR_SERIES_OFFSET = 3
 _IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 _LOCAL_SCHEME = "99AENODE"
+_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 
 
 def _algorithm(card: ModelCard) -> hd.sr.AlgorithmIdentification:
@@ -297,6 +301,14 @@ def build_sr(
         procedure_reported=_IMAGING_PROCEDURE,
         imaging_measurements=groups,
     )
+    for note in prediction.notes:  # what a reader should know (e.g. the geometry correction)
+        report[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=_COMMENT,
+                value=note[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     evidence: list[Dataset] = list(sources) + ([seg] if seg is not None else [])
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,

@@ -456,8 +456,15 @@ def series_info_from_payload(payload: dict[str, Any]) -> SeriesInfo:
 _Fetch = Callable[[str, tuple[Any, ...]], list[sqlite3.Row]]
 
 
-def _due(fetch: _Fetch, row: sqlite3.Row, now: float, s: SeriesSettings) -> str | None:
-    """The condition that completed ``row`` first, if any is met at ``now``."""
+def _due(
+    fetch: _Fetch, row: sqlite3.Row, now: float, s: SeriesSettings, since: float = 0.0
+) -> str | None:
+    """The condition that completed ``row`` first, if any is met at ``now``.
+
+    ``since`` is when this node started listening: the release grace and the quiet timer
+    count from then at the earliest, since a sender cut off by a restart could not send while
+    the node was down (its association, closed at start-up, is no release of the sender's).
+    """
     candidates: list[tuple[float, str]] = []
     if row["expected"] is not None and row["instance_count"] >= row["expected"]:
         candidates.append((row["last_arrival"], "count"))
@@ -468,8 +475,9 @@ def _due(fetch: _Fetch, row: sqlite3.Row, now: float, s: SeriesSettings) -> str 
         (row["series_uid"], row["revision"]),
     )[0]
     if n and not still_open:
-        candidates.append((max(released, row["last_arrival"]) + s.release_grace_seconds, "release"))
-    candidates.append((row["last_arrival"] + s.quiet_seconds, "quiet"))
+        heard = max(released, row["last_arrival"], since)
+        candidates.append((heard + s.release_grace_seconds, "release"))
+    candidates.append((max(row["last_arrival"], since) + s.quiet_seconds, "quiet"))
     candidates.append((row["first_arrival"] + s.max_wait_seconds, "max_wait"))
     due = [c for c in candidates if c[0] <= now]
     return min(due)[1] if due else None
@@ -715,10 +723,14 @@ class Assembler:
         The store (its own connection, owned by the caller).
     settings : Settings
         ``series`` and ``storage.path`` are used.
+    since : float
+        When the node started listening (epoch seconds); release and quiet count from then
+        at the earliest (0: no such floor, as in ``aenode run`` and unit tests).
     """
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, since: float = 0.0) -> None:
         self.store = store
+        self.since = since
         self.series = settings.series
         self.root = Path(settings.storage.path)
         self.failures = Failures()
@@ -754,7 +766,7 @@ class Assembler:
         return done
 
     def _complete(self, row: sqlite3.Row, now: float) -> str | None:
-        if _due(self.store.execute, row, now, self.series) is None:
+        if _due(self.store.execute, row, now, self.series, self.since) is None:
             return None
         with self.store.transaction() as conn:
             fresh = conn.execute(
@@ -763,7 +775,8 @@ class Assembler:
             ).fetchone()
             if fresh is None or fresh["state"] != SeriesState.RECEIVING:
                 return None
-            by = _due(lambda sql, args: conn.execute(sql, args).fetchall(), fresh, now, self.series)
+            fetch: _Fetch = lambda sql, args: conn.execute(sql, args).fetchall()  # noqa: E731
+            by = _due(fetch, fresh, now, self.series, self.since)
             if by is not None and complete_series(
                 conn, self.store, fresh["series_uid"], fresh["revision"], by, now, self.root
             ):

@@ -128,6 +128,7 @@ class Node:
             )
         # The receivers fork now; they use neither torch nor the runtime's threads.
         self.receivers.start()
+        listening_since = time.time()
         self._store = store = Store(self.db)
         tracker = StudyTracker(
             store,
@@ -138,7 +139,7 @@ class Node:
         )
         outbox = Outbox(store, settings.export, calling_ae)
         runner = JobRunner(settings, store, registry, runtime, outbox)
-        assembler = Assembler(store, settings)
+        assembler = Assembler(store, settings, since=listening_since)
         poll = settings.series.poll_seconds
         dispatcher = Dispatcher(store, tracker, poll)
         stop = self.stop_event

@@ -321,7 +321,7 @@ def test_head_ct_classifier_through_orthanc(tmp_path: Path, data_dir: Path) -> N
         found: dict[str, list[str]] = {}
         while time.monotonic() < deadline and not (SC in found and SR in found):
             time.sleep(0.5)
-            found = _results(orthanc, study_uid)
+            found = _results(orthanc, study_uid, "head-ct-haemorrhage")
         jobs = [dict(j) for j in node.query("SELECT * FROM jobs")]
         assert SC in found and SR in found, (jobs, node.log_text()[-4000:])
         assert {k: len(v) for k, v in found.items()} == {SC: 1, SR: 1}  # a classifier: no SEG

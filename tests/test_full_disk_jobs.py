@@ -127,6 +127,8 @@ def test_aenode_serve_on_a_disk_that_fills_keeps_serving_and_finishes_the_study(
     from test_receive import NodeProcess, storescu
 
     selection = yaml.safe_load((ROOT / "config.yaml").read_text())["selection"]
+    # only the rule of the one model the node loads (tests/test_receive.py NodeProcess)
+    selection["rules"] = [r for r in selection["rules"] if r["models"] == ["hippocampus"]]
     node = NodeProcess(
         tmp_path,
         {

@@ -30,6 +30,13 @@ pytestmark = pytest.mark.network
 ANSWERS = {0x0000, 0xC000, 0xA900, None, -1}  # None: the node aborted; -1: pynetdicom refused
 
 
+def _hippocampus_rules() -> dict:
+    """config.yaml's selection with only the rule of the one model these nodes load."""
+    selection = yaml.safe_load((ROOT / "config.yaml").read_text())["selection"]
+    selection["rules"] = [r for r in selection["rules"] if r["models"] == ["hippocampus"]]
+    return selection
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     proc = NodeProcess(
@@ -37,7 +44,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         {
             "node": {"artim_timeout": 2.0, "pdu_timeout": 2.0},
             "logging": {"level": "INFO"},
-            "selection": yaml.safe_load((ROOT / "config.yaml").read_text())["selection"],
+            "selection": _hippocampus_rules(),
         },
     ).start()
     yield proc

@@ -38,7 +38,8 @@ MODEL = "head-ct-haemorrhage"
 @pytest.fixture(scope="module")
 def rules() -> list[Rule]:
     settings = load_settings(ROOT / "config.yaml", environ={})
-    return compile_rules(settings.selection.rules, known_models=["hippocampus", MODEL])
+    shipped = sorted(p.parent.name for p in (ROOT / "models").glob("*/model.yaml"))
+    return compile_rules(settings.selection.rules, known_models=shipped)
 
 
 def _header(data_dir: Path, name: str) -> Dataset:

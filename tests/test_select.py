@@ -310,7 +310,6 @@ series ...984496684610  MR  'T1pre_reg'  22 instances
 series ...589141676244  MR  'FLAIR_reg'  22 instances
   -> rule brain-tumour: model brain-tumour
   rule hippocampus: SeriesDescription 'FLAIR_reg' does not match '^HippoCrop$'
-  rule head-ct: Modality 'MR' is not 'CT'
 series ...349611688910  MR  'T2_reg'  22 instances
   rule hippocampus: SeriesDescription 'T2_reg' does not match '^HippoCrop$'
   rule brain-tumour: SeriesDescription 'T2_reg' does not match '^.*(?i:flair|dark[-_ ]?fluid).*$'
@@ -326,7 +325,6 @@ series ...268827049467  MR  'dT1'  24 instances
 series ...579028662665  MR  'FLAIR_reg'  24 instances
   -> rule brain-tumour: model brain-tumour
   rule hippocampus: SeriesDescription 'FLAIR_reg' does not match '^HippoCrop$'
-  rule head-ct: Modality 'MR' is not 'CT'
 series ...964504488079  MR  'T2_reg'  24 instances
   rule hippocampus: SeriesDescription 'T2_reg' does not match '^HippoCrop$'
   rule brain-tumour: SeriesDescription 'T2_reg' does not match '^.*(?i:flair|dark[-_ ]?fluid).*$'"""

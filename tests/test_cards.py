@@ -9,7 +9,6 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from aenode.config import ConfigError
 from aenode.infer.cards import ModelCard, PreprocessSpec
 from aenode.infer.preprocess import (
     fit_box,
@@ -19,7 +18,8 @@ from aenode.infer.preprocess import (
     restore_labels,
     restore_probs,
 )
-from aenode.infer.train import _case_names, hippocampus_card, split_cases
+from aenode.train.hippocampus import case_names, split_cases
+from aenode.train.hippocampus_card import hippocampus_card
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_hippocampus_card_codes_and_roundtrip() -> None:
 
 
 def test_split_is_seeded_and_matches_the_shipped_card(data_dir: Path) -> None:
-    names = _case_names(data_dir / "msd-hippocampus")
+    names = case_names(data_dir / "msd-hippocampus")
     assert len(names) == 201
     train, val = split_cases(names, seed=0)
     assert (train, val) == split_cases(list(reversed(names)), seed=0)
@@ -50,8 +50,8 @@ def test_split_is_seeded_and_matches_the_shipped_card(data_dir: Path) -> None:
 
 
 def test_training_data_errors_name_the_folder(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--data: .*imagesTr is not a folder"):
-        _case_names(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"imagesTr: not a folder"):
+        case_names(tmp_path)
 
 
 def _lps_image(array: np.ndarray) -> sitk.Image:

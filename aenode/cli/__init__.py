@@ -116,16 +116,34 @@ def _build_parser() -> argparse.ArgumentParser:
     p = command("models", "models:command_models", "list the model packages")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    p = command("train", "train:command_train", "train a shipped model from data on disk")
-    p.add_argument("model", choices=["hippocampus"], help="the shipped model to train")
+    p = command("train", "train:command_train", "train a model by its recipe, write its package")
+    p.add_argument("model", help="the recipe: hippocampus or brain-tumour")
     p.add_argument(
         "--data", type=Path, required=True, help="the training data (imagesTr/, labelsTr/)"
     )
     p.add_argument("--out", type=Path, required=True, help="the model package folder to write")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--minutes", type=float, default=None, help="training time budget")
     p.add_argument(
-        "--epochs", type=int, default=None, help="fixed epoch count (bit-for-bit reproducible)"
+        "--work",
+        type=Path,
+        default=None,
+        help="checkpoints and the per-epoch log (default var/train/MODEL)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--minutes", type=float, default=None, help="training time budget (default 30)"
+    )
+    budget.add_argument(
+        "--epochs", type=int, default=None, help="fixed epoch count (reproducible on CPU)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument(
+        "--export-only",
+        action="store_true",
+        help="skip training: write the package from --work's best checkpoint",
+    )
+    p.add_argument(
+        "--progress", action="store_true", help="show the progress bar also when not a terminal"
     )
 
     p = command("evaluate", "evaluate:command_evaluate", "metrics of a model against labels")

@@ -14,10 +14,12 @@ from pathlib import Path
 from aenode.train.loop import Recipe, TrainReport, choose_device, load_checkpoint, read_log
 
 __all__ = [
+    "PACKAGES",
     "RECIPES",
     "Recipe",
     "TrainReport",
     "choose_device",
+    "export_package",
     "load_checkpoint",
     "read_log",
     "recipe",
@@ -30,6 +32,14 @@ RECIPES: dict[str, str] = {
     "brain-tumour": "aenode.train.brain_tumour",
     "hippocampus": "aenode.train.hippocampus",
 }
+"""Recipe modules by model name; each defines ``RECIPE``."""
+
+PACKAGES: dict[str, str] = {
+    "brain-tumour": "aenode.train.brain_tumour_card",
+    "hippocampus": "aenode.train.hippocampus_card",
+}
+"""Package writers by model name; each defines ``export(run_dir, data, model_dir, *, seed)``
+writing the weights and ``model.yaml`` with held-out figures from a run's best checkpoint."""
 
 
 def recipe(name: str) -> Recipe:
@@ -55,6 +65,42 @@ def recipe(name: str) -> Recipe:
         raise KeyError(f"train: unknown model {name!r} (known: {', '.join(RECIPES)})") from None
     found: Recipe = importlib.import_module(module).RECIPE
     return found
+
+
+def export_package(name: str, run_dir: Path, data: Path, model_dir: Path, *, seed: int = 0) -> Path:
+    """Write a model's package from a training run (:data:`PACKAGES`).
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`PACKAGES`.
+    run_dir : pathlib.Path
+        The run's folder (``best.pt``, ``train-log.jsonl``).
+    data : pathlib.Path
+        The run's data folder (the split is recomputed from ``seed``).
+    model_dir : pathlib.Path
+        The package folder to write.
+    seed : int
+        The run's seed.
+
+    Returns
+    -------
+    pathlib.Path
+        The card written.
+
+    Raises
+    ------
+    KeyError
+        If no package writer has that name.
+    FileNotFoundError
+        If the checkpoint, the data or a hand-written part of the package is missing.
+    """
+    try:
+        module = PACKAGES[name]
+    except KeyError:
+        raise KeyError(f"train: no package export for {name!r}") from None
+    path: Path = importlib.import_module(module).export(run_dir, data, model_dir, seed=seed)
+    return path
 
 
 def train(

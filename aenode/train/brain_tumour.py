@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from aenode.infer.zoo import build_network
+from aenode.train.cases import paired_cases, split_names
 from aenode.train.flair import (
     LGG_PIXEL_MM,
     from_training_grid,
@@ -80,21 +81,13 @@ def patient_names(data: Path) -> list[str]:
     FileNotFoundError
         If a folder is missing or an image has no label (the message names it).
     """
-    images, labels = data / "imagesTr", data / "labelsTr"
-    for folder in (images, labels):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: not a folder (expected imagesTr and labelsTr)")
-    names = sorted(p.name[: -len(".nii.gz")] for p in images.glob("[!._]*.nii.gz"))
-    missing = [n for n in names if not (labels / f"{n}.nii.gz").is_file()]
-    if missing:
-        raise FileNotFoundError(f"{labels}: no label for {', '.join(missing[:5])}")
-    return names
+    return paired_cases(data)
 
 
 def split_patients(
     names: Sequence[str], seed: int, share: float = VALIDATION_SHARE
 ) -> tuple[list[str], list[str]]:
-    """A fixed seeded split by patient.
+    """A fixed seeded split by patient (:func:`aenode.train.cases.split_names`).
 
     Parameters
     ----------
@@ -110,9 +103,7 @@ def split_patients(
     tuple of list of str
         (training patients, validation patients), each sorted.
     """
-    order = np.random.default_rng(seed).permutation(sorted(names))
-    n_val = max(1, round(share * len(order)))
-    return sorted(str(n) for n in order[n_val:]), sorted(str(n) for n in order[:n_val])
+    return split_names(names, seed, max(1, round(share * len(names))))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Export of a brain-tumour training run: the weights and the draft card with held-out figures.
+"""Export of a brain-tumour training run: the weights, and the held-out figures into the card.
 
 Every figure is measured on the native 256x256 grid through :func:`segment`, the path a DICOM
 series takes. Intervals are 95% percentile bootstrap intervals (``scipy.stats.bootstrap``)
@@ -21,23 +21,17 @@ import torch
 import yaml
 from scipy import stats
 
+from aenode.infer.cards import ModelCard
 from aenode.metrics import auc, dice
 from aenode.train.brain_tumour import (
-    ARCH,
-    ARCH_ARGS,
     BATCH,
-    INFER_BATCH,
     RECIPE,
     patient_names,
     segment,
     split_patients,
 )
 from aenode.train.flair import (
-    FOV_MM,
-    HIGH_PERCENTILE,
     LGG_PIXEL_MM,
-    LOW_PERCENTILE,
-    MATRIX,
     slice_scores,
 )
 from aenode.train.loop import CHECKPOINT_BEST, load_checkpoint, read_log
@@ -217,10 +211,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _card(
+def _trained_parts(
     *,
-    sha: str,
-    threshold: dict[str, float],
     figures: dict[str, Any],
     per_patient: list[dict[str, Any]],
     train_names: list[str],
@@ -229,98 +221,6 @@ def _card(
     seed: int,
 ) -> dict[str, Any]:
     return {
-        "name": "brain-tumour",
-        "version": "0.1.0",
-        "status": "draft: 2D slice-wise inference is not in the runtime yet",
-        "task": "segmentation",
-        "description": "FLAIR abnormality (lower-grade glioma) segmentation on axial FLAIR MR, "
-        "slice by slice (2D U-Net, MONAI), with a per-slice and per-series tumour-presence "
-        "score.",
-        "intended_use": "Research, non-commercial use only (training data CC BY-NC-SA 4.0); "
-        "not for diagnosis. Axial FLAIR brain MR of adults.",
-        "licence": {
-            "weights": "CC BY-NC-SA 4.0 (derived from the training data): research, "
-            "non-commercial use only",
-            "data": "LGG Segmentation Dataset (Buda et al., Computers in Biology and "
-            "Medicine 2019, masks) on TCIA TCGA-LGG images (CC BY 3.0); the dataset page "
-            "states CC BY-NC-SA 4.0",
-        },
-        "algorithm_family": {
-            "value": "123110",
-            "scheme": "DCM",
-            "meaning": "Artificial Intelligence",
-        },
-        "inputs": {
-            "modality": "MR",
-            "roles": [{"name": "image", "required": True}],
-            "slice_wise": True,
-            "preprocessing": {
-                "function": "aenode.train.flair.scale_intensity, "
-                "aenode.train.flair.to_training_grid",
-                "intensity": {
-                    "method": "percentile",
-                    "low_percentile_of_all_voxels": LOW_PERCENTILE,
-                    "high_percentile_of_head_voxels": HIGH_PERCENTILE,
-                    "head_voxels": "voxels above the volume's mean",
-                    "clip": [0.0, 1.5],
-                },
-                "in_plane": {
-                    "matrix": [MATRIX, MATRIX],
-                    "field_of_view_mm": FOV_MM,
-                    "pixel_spacing_mm": round(FOV_MM / MATRIX, 5),
-                    "method": "each slice resampled (bilinear, antialiased) from its "
-                    "PixelSpacing to the training pixel size, then centre padded with 0 or "
-                    "cropped to the matrix",
-                    "training_spacing_assumption": "the LGG slices (256x256, no spacing in the "
-                    f"source) are taken as a {FOV_MM:g} mm square field of view "
-                    f"({LGG_PIXEL_MM:.4f} mm pixels), from head sizes compared with "
-                    "Study1's FLAIR (512x512 at 0.43 mm = 220 mm); +-12% scale augmentation "
-                    "covers the uncertainty",
-                },
-                "through_plane": "none: slices are independent (2D); the slice thickness of "
-                "the training data is unknown",
-            },
-        },
-        "outputs": {
-            "labels": [
-                {
-                    "value": 1,
-                    "name": "FLAIR abnormality",
-                    "category": {
-                        "value": "49755003",
-                        "scheme": "SCT",
-                        "meaning": "Morphologically abnormal structure",
-                    },
-                    "type": {"value": "108369006", "scheme": "SCT", "meaning": "Neoplasm"},
-                    "color": [255, 60, 60],
-                }
-            ],
-            "postprocessing": {
-                "function": "aenode.train.flair.postprocess",
-                **POSTPROCESS,
-                "connectivity": "3D, 26-neighbourhood across adjacent slices",
-                "min_size": "in-plane area summed over the component's slices, mm2",
-                "keep_fraction": "components below this share of the largest are dropped",
-            },
-            "presence": {
-                "function": "aenode.train.flair.slice_scores",
-                "slice_score": "highest probability inside the postprocessed mask on the "
-                "slice (0 without mask)",
-                "series_score": "highest slice score",
-                **threshold,
-                "threshold_chosen_on": "training patients (Youden's J), not the validation split",
-            },
-        },
-        "runtime": {
-            "format": "state_dict",
-            "architecture": ARCH,
-            "architecture_args": ARCH_ARGS,
-            "weights": "model.pt",
-            "sha256": sha,
-            "batch_size": INFER_BATCH,
-            "output_activation": "sigmoid",
-            "entry_point": "aenode.train.brain_tumour.segment",
-        },
         "training": {
             "data": "../shared/data/lgg-flair imagesTr/labelsTr: 66 patients, FLAIR channel "
             "of the LGG Segmentation Dataset (kaggle_3m), uint8 256x256 slices",
@@ -337,12 +237,13 @@ def _card(
             "patients (no validation data), the same U-Net with 1 or 2 residual units and "
             "MONAI BasicUNet (16-256) lowered the loss more slowly per step and were 2-8x "
             "slower per step; a larger net would have had fewer epochs in the CPU budget.",
-            "command": ".venv/bin/python scripts/train_brain_tumour.py --minutes 36 "
-            "--threads 1 --seed 0",
+            "command": "AENODE_RUNTIME__THREADS=1 aenode train brain-tumour --data "
+            "../shared/data/lgg-flair --out models/brain-tumour --minutes 36",
             "launched_as": "the shipped run called aenode.train.train('brain-tumour', "
             "data, out, minutes=36.0, epochs=None, device='cpu', seed=0) after "
-            "torch.set_num_threads(1) (what the command does), then scripts/"
-            "train_brain_tumour.py --export-only; CPU shared with other jobs (2 cores)",
+            "torch.set_num_threads(1) (what the command does), then exported the best "
+            "checkpoint (aenode.train.brain_tumour_card.export, what the command does next); "
+            "CPU shared with other jobs (2 cores)",
             "loop": "aenode.train.loop.run via aenode.train.train('brain-tumour', ...)",
             "loss": "Dice + binary cross-entropy (MONAI DiceCELoss, sigmoid, batch Dice)",
             "optimizer": f"AdamW lr {RECIPE.lr} wd {RECIPE.weight_decay}, linear warm-up "
@@ -369,8 +270,14 @@ def _card(
     }
 
 
-def export(run_dir: Path, data: Path, model_dir: Path, *, seed: int = 0, threads: int = 1) -> Path:
-    """Write ``model.pt`` and ``card-draft.yaml`` from a training run's best checkpoint.
+def export(
+    run_dir: Path, data: Path, model_dir: Path, *, seed: int = 0, threads: int | None = None
+) -> Path:
+    """Write ``model.pt`` and the figures into ``model.yaml`` from a run's best checkpoint.
+
+    The package's card and code (``model.yaml``, ``tumour.py``) are written by hand; this fills
+    in the weights' checksum, the slice threshold chosen on the training patients, the run
+    (split, epochs, history) and the held-out figures, and checks the card still validates.
 
     Parameters
     ----------
@@ -382,14 +289,26 @@ def export(run_dir: Path, data: Path, model_dir: Path, *, seed: int = 0, threads
         Package folder to write (``models/brain-tumour``).
     seed : int
         The run's seed (split) and the bootstrap's.
-    threads : int
-        Torch threads the run used (recorded).
+    threads : int or None
+        Torch threads the run used (recorded); ``None``: this process's.
 
     Returns
     -------
     pathlib.Path
         The card written.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``model_dir`` has no ``model.yaml`` (the message says what to copy there).
     """
+    path = model_dir / "model.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: missing; the brain-tumour package (model.yaml, tumour.py) is written by "
+            "hand: copy models/brain-tumour there first, training fills in weights and figures"
+        )
+    card = yaml.safe_load(path.read_text(encoding="utf-8"))
     net = load_network(run_dir / CHECKPOINT_BEST)
     meta = torch.load(run_dir / CHECKPOINT_BEST, map_location="cpu", weights_only=True)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -421,7 +340,7 @@ def export(run_dir: Path, data: Path, model_dir: Path, *, seed: int = 0, threads
         for r in on_val[True]
     ]
     run = {
-        "device": f"cpu, {threads} torch thread(s)",
+        "device": f"cpu, {threads or torch.get_num_threads()} torch thread(s)",
         "precision": "bfloat16 autocast (CPU), float32 weights",
         "epochs": len(history),
         "best_epoch": int(meta["epoch"]),
@@ -429,9 +348,7 @@ def export(run_dir: Path, data: Path, model_dir: Path, *, seed: int = 0, threads
         "train_dice_mean_native_grid": round(train_dice, 4),
         "history": [dict(h) for h in history],
     }
-    card = _card(
-        sha=_sha256(weights),
-        threshold={"slice_threshold": thr[True]},
+    parts = _trained_parts(
         figures=figures,
         per_patient=per_patient,
         train_names=train_names,
@@ -439,7 +356,11 @@ def export(run_dir: Path, data: Path, model_dir: Path, *, seed: int = 0, threads
         run=run,
         seed=seed,
     )
-    path = model_dir / "card-draft.yaml"
+    card["training"] = {**card.get("training", {}), **parts["training"]}
+    card["metrics"] = parts["metrics"]
+    card["runtime"]["weights_sha256"] = _sha256(weights)
+    card["runtime"].setdefault("parameters", {})["slice_threshold"] = round(thr[True], 4)
+    ModelCard.model_validate(card)  # a card the registry would refuse is never written
     path.write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
     log.info("brain-tumour: wrote %s and %s", weights, path)
     return path

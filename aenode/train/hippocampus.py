@@ -1,6 +1,6 @@
 """Recipe ``hippocampus``: the shipped 3D MONAI U-Net for anterior/posterior hippocampus.
 
-Ported from ``aenode/infer/train.py`` with the same network and arguments, the same
+Ported from the first release's trainer with the same network and arguments, the same
 preprocessing (the runtime's :func:`aenode.infer.preprocess.prepare`: RAS, 1 mm, z-score) and
 the same seeded split (40 validation cases), so that ``train("hippocampus", ...)`` rebuilds the
 model that ``models/hippocampus/model.yaml`` describes. Augmentation is now MONAI's: random
@@ -26,6 +26,7 @@ from aenode.infer.forward import predict_probs
 from aenode.infer.preprocess import prepare
 from aenode.infer.zoo import build_network
 from aenode.metrics import dice
+from aenode.train.cases import paired_cases, split_names
 from aenode.train.loop import Recipe
 
 __all__ = ["ARCH", "ARCH_ARGS", "PAD_TO", "RECIPE", "VALIDATION_CASES", "case_names", "split_cases"]
@@ -51,7 +52,7 @@ BATCH = 4
 
 
 def case_names(data: Path) -> list[str]:
-    """Cases with both an image and a label.
+    """Cases with both an image and a label (more than :data:`VALIDATION_CASES`).
 
     Parameters
     ----------
@@ -68,23 +69,13 @@ def case_names(data: Path) -> list[str]:
     FileNotFoundError
         If a folder is missing, a label is missing or there are too few cases.
     """
-    images, labels = data / "imagesTr", data / "labelsTr"
-    for folder in (images, labels):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: not a folder (expected imagesTr and labelsTr)")
-    names = sorted(p.name[: -len(".nii.gz")] for p in images.glob("[!._]*.nii.gz"))
-    missing = [n for n in names if not (labels / f"{n}.nii.gz").is_file()]
-    if missing:
-        raise FileNotFoundError(f"{labels}: no label for {', '.join(missing[:5])}")
-    if len(names) <= VALIDATION_CASES:
-        raise FileNotFoundError(f"{images}: {len(names)} cases, need > {VALIDATION_CASES}")
-    return names
+    return paired_cases(data, more_than=VALIDATION_CASES)
 
 
 def split_cases(
     names: Sequence[str], seed: int, n_val: int = VALIDATION_CASES
 ) -> tuple[list[str], list[str]]:
-    """The seeded split of the shipped model (same permutation as before the port).
+    """The seeded split of the shipped model (:func:`aenode.train.cases.split_names`).
 
     Parameters
     ----------
@@ -100,8 +91,7 @@ def split_cases(
     tuple of list of str
         (training names, validation names), each sorted.
     """
-    order = np.random.default_rng(seed).permutation(sorted(names))
-    return sorted(str(n) for n in order[n_val:]), sorted(str(n) for n in order[:n_val])
+    return split_names(names, seed, n_val)
 
 
 @dataclass

@@ -39,9 +39,10 @@ __all__ = ["MIGRATIONS", "QueueItem", "SCHEMA_VERSION", "Store", "StoreError"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version 1: the first release. Version 2: the study-role tables belong to the store
-(they were created by the study tracker) and the outbox is indexed by job."""
+(they were created by the study tracker) and the outbox is indexed by job. Version 3:
+``associations.peer_subject`` (the TLS client certificate's subject)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -93,7 +94,8 @@ CREATE TABLE IF NOT EXISTS associations (
     calling_ae TEXT,
     peer_host TEXT,
     started_at REAL NOT NULL,
-    released_at REAL
+    released_at REAL,
+    peer_subject TEXT
 );
 CREATE TABLE IF NOT EXISTS queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -191,6 +193,10 @@ CREATE TABLE IF NOT EXISTS select_studies (
 );
 CREATE INDEX IF NOT EXISTS select_studies_state ON select_studies (state, last_match);
 CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
+""",
+    # 2 -> 3: the subject of a TLS peer's certificate, recorded with its association.
+    2: """
+ALTER TABLE associations ADD COLUMN peer_subject TEXT;
 """,
 }
 """From-version -> statements that bring a store to the next version."""

@@ -241,6 +241,15 @@ class Outbox:
 
     # -- sending ----------------------------------------------------------------------
 
+    def destination(self, key: str) -> DestinationSettings:
+        """The configured destination of an outbox row (with its ``tls`` and commitment
+        settings), else the one its key names (a row that outlived a configuration change).
+        """
+        for destination in self.settings.destinations:
+            if destination_key(destination) == key:
+                return destination
+        return parse_destination(key)
+
     def _claim(self, now: float) -> list[sqlite3.Row]:
         with self.store.transaction() as conn:
             rows = conn.execute(
@@ -316,7 +325,7 @@ class Outbox:
             self._finish_failed(row, now, f"result file missing: {missing[0]}", ctx)
             return
         try:
-            destination = parse_destination(key)
+            destination = self.destination(key)
             outcome = send_files(
                 destination,
                 [Path(e["path"]) for e in todo],

@@ -295,6 +295,11 @@ class DestinationSettings(_Section):
     tls: DestinationTlsSettings | None = Field(
         default=None, description="null sends in the clear; never downgraded when set"
     )
+    storage_commitment: bool = Field(
+        default=False,
+        description="after storing, ask for Storage Commitment (N-ACTION); the job is "
+        "committed only after the N-EVENT-REPORT",
+    )
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -314,6 +319,12 @@ class ExportSettings(_Section):
     calling_ae_title: str | None = Field(default=None, description="defaults to node.ae_title")
     destinations: list[DestinationSettings] = Field(default_factory=list)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    commitment_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="a storage commitment report must arrive within; else it is asked again "
+        "(with the retry back-off)",
+    )
 
 
 class LoggingSettings(_Section):

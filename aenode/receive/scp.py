@@ -39,6 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from aenode.assemble import record_association_end
 from aenode.config import PeerSettings, Settings
 from aenode.errors import ConfigError
+from aenode.export.commitment import STORAGE_COMMITMENT, handle_report
 from aenode.health import RefusalCheck
 from aenode.receive.check import check_structure, failure_status
 from aenode.receive.guard import (
@@ -443,6 +444,8 @@ def build_ae(settings: Settings, receivers: int) -> AE:
     _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=node.ae_title)
     ae.supported_contexts = _contexts(node.accept_unknown_storage)
+    # Storage commitment reports (N-EVENT-REPORT) a PACS opens back to us: either role.
+    ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
     ae.require_called_aet = node.check_called_ae
     ae.maximum_associations = 2 * node.max_associations + max(2, receivers)
     ae.maximum_pdu_size = node.max_pdu_size
@@ -501,6 +504,7 @@ def serve_receiver(
         (evt.EVT_REQUESTED, handle_requested, [receiver]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [receiver]),
+        (evt.EVT_N_EVENT_REPORT, handle_report, [store]),
         (evt.EVT_RELEASED, handle_ended, [receiver]),
         (evt.EVT_ABORTED, handle_ended, [receiver]),
         (evt.EVT_CONN_CLOSE, handle_ended, [receiver]),

@@ -314,6 +314,16 @@ def _commit_node(tmp: Path, orthanc: Orthanc, port: int) -> NodeProcess:
                 "commitment_timeout_seconds": 5.0,
             },
             "series": {"quiet_seconds": 2.0},
+            # The hippocampus rule only (the one model NodeProcess enables).
+            "selection": {
+                "rules": [
+                    r
+                    for r in yaml.safe_load((ROOT / "config.yaml").read_text())["selection"][
+                        "rules"
+                    ]
+                    if r["name"] == "hippocampus"
+                ]
+            },
         },
     )
 

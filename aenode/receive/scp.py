@@ -66,6 +66,7 @@ __all__ = [
     "handle_store",
     "peer_allowed",
     "serve_receiver",
+    "tls_handshake",
 ]
 
 log = logging.getLogger(__name__)

@@ -337,11 +337,12 @@ def _commit_case(tmp: Path, name: str, rng: random.Random, restart_pacs: bool) -
     orthanc = Orthanc(
         tmp / f"orthanc-{port}", modalities={"aenode": ("AENODE", "127.0.0.1", report_port)}
     ).start()
-    node = _commit_node(tmp / f"node-{port}", orthanc, port).start(timeout=90)
+    node = _commit_node(tmp / f"node-{port}", orthanc, port)
     src = sorted((DATA / "udacity-mr" / "Study1" / "13_HCropVolume").glob("*.dcm"))
     folder = rewrite_uids(src, tmp / f"commit-src-{port}", rng)[0].parent
     study = str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).StudyInstanceUID)
     try:
+        node.start(timeout=90)  # inside: a node that cannot start leaves no Orthanc behind
         if storescu(node.port, folder, opts=("+sd",)).returncode != 0:
             row.failures += 1
         wanted = "committing" if restart_pacs else "sending','committing"
@@ -375,7 +376,8 @@ def _commit_case(tmp: Path, name: str, rng: random.Random, restart_pacs: bool) -
             f"results in Orthanc: {sorted(found.values())}"
         )
     finally:
-        node.stop()
+        if node.proc is not None:
+            node.stop()
         orthanc.stop()
     return row
 

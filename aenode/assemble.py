@@ -599,6 +599,7 @@ def record_association_end(
     peer_host: str | None,
     started_at: float,
     ended_at: float,
+    peer_subject: str | None = None,
 ) -> None:
     """Note that an association that delivered instances was released or aborted.
 
@@ -612,12 +613,15 @@ def record_association_end(
         Who it was.
     started_at, ended_at : float
         Epoch seconds.
+    peer_subject : str or None
+        The subject of the peer's TLS client certificate; None over plain TCP.
     """
     store.execute(
-        "INSERT INTO associations (assoc_id, calling_ae, peer_host, started_at, released_at)"
-        " VALUES (?, ?, ?, ?, ?)"
+        "INSERT INTO associations"
+        " (assoc_id, calling_ae, peer_host, started_at, released_at, peer_subject)"
+        " VALUES (?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (assoc_id) DO UPDATE SET released_at=excluded.released_at",
-        (assoc_id, calling_ae, peer_host, started_at, ended_at),
+        (assoc_id, calling_ae, peer_host, started_at, ended_at, peer_subject),
     )
 
 

@@ -7,6 +7,7 @@ can be overridden by ``AENODE_<SECTION>__<KEY>`` (``AENODE_NODE__PORT=11113``).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping
@@ -26,10 +27,12 @@ from pydantic import (
 from aenode.errors import ConfigError
 from aenode.select.rules import compile_rules
 from aenode.select.spec import RuleSpec
+from aenode.tls import client_context, server_context
 
 __all__ = [
     "ConfigError",
     "DestinationSettings",
+    "DestinationTlsSettings",
     "ExportSettings",
     "LoggingSettings",
     "ModelsSettings",
@@ -42,6 +45,7 @@ __all__ = [
     "SeriesSettings",
     "Settings",
     "StorageSettings",
+    "TlsSettings",
     "VolumeSettings",
     "load_settings",
 ]
@@ -74,12 +78,27 @@ class PeerSettings(_Section):
     _check_ae = field_validator("ae_title")(_ae_title)
 
 
+class TlsSettings(_Section):
+    """The DICOM TLS listener (PS3.15 B.12, BCP 195: TLS 1.2 or later)."""
+
+    port: int = Field(ge=1, le=65535, description="a port of its own, beside node.port")
+    cert: Path = Field(description="PEM certificate (chain) of the node")
+    key: Path = Field(description="its unencrypted PEM private key (keep it mode 0600)")
+    ca: Path | None = Field(
+        default=None, description="PEM CA certificate(s) that client certificates must chain to"
+    )
+    require_client_cert: bool = Field(
+        default=True, description="refuse a peer without a certificate signed by ca"
+    )
+
+
 class NodeSettings(_Section):
     """The DIMSE listener."""
 
     ae_title: str = "AENODE"
     host: str = "0.0.0.0"
-    port: int = 11112
+    port: int | None = Field(default=11112, description="the plain port; null turns it off")
+    tls: TlsSettings | None = Field(default=None, description="null: no TLS listener")
     check_called_ae: bool = True
     allowed_peers: list[PeerSettings] | None = Field(
         default=None, description="calling AEs allowed to associate; null accepts any"
@@ -119,10 +138,32 @@ class NodeSettings(_Section):
 
     @field_validator("port")
     @classmethod
-    def _port(cls, value: int) -> int:
-        if not 1 <= value <= 65535:
+    def _port(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 65535:
             raise ValueError("must be between 1 and 65535")
         return value
+
+    @model_validator(mode="after")
+    def _some_port(self) -> NodeSettings:
+        if self.port is None and self.tls is None:
+            raise ValueError("node.port is null and node.tls is not set: nothing would listen")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError("node.tls.port must differ from node.port")
+        return self
+
+    @property
+    def ports(self) -> list[tuple[int, bool]]:
+        """The listening ports, each with whether it is the TLS one."""
+        out = [] if self.port is None else [(self.port, False)]
+        return out + ([] if self.tls is None else [(self.tls.port, True)])
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether ``host`` is a loopback address (nothing beyond this machine can connect)."""
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
 
 
 class StorageSettings(_Section):
@@ -237,12 +278,28 @@ class ResultsSettings(_Section):
         return value
 
 
+class DestinationTlsSettings(_Section):
+    """DICOM TLS to a destination: its certificate is verified, host name or IP included."""
+
+    ca: Path = Field(description="PEM CA certificate(s) the destination's certificate chains to")
+    cert: Path | None = Field(default=None, description="our client certificate (PEM)")
+    key: Path | None = Field(default=None, description="its unencrypted PEM private key")
+
+
 class DestinationSettings(_Section):
     """A C-STORE SCP that receives the results."""
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: DestinationTlsSettings | None = Field(
+        default=None, description="null sends in the clear; never downgraded when set"
+    )
+    storage_commitment: bool = Field(
+        default=False,
+        description="after storing, ask for Storage Commitment (N-ACTION); the job is "
+        "committed only after the N-EVENT-REPORT",
+    )
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -262,6 +319,12 @@ class ExportSettings(_Section):
     calling_ae_title: str | None = Field(default=None, description="defaults to node.ae_title")
     destinations: list[DestinationSettings] = Field(default_factory=list)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    commitment_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="a storage commitment report must arrive within; else it is asked again "
+        "(with the retry back-off)",
+    )
 
 
 class LoggingSettings(_Section):
@@ -377,6 +440,32 @@ def load_settings(
         data = loaded
     data = _apply_env(data, os.environ if environ is None else environ)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from exc
+    problems = tls_problems(settings)
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems))
+    return settings
+
+
+def tls_problems(settings: Settings) -> list[str]:
+    """Load every TLS file the settings name; one line per problem, naming the key path.
+
+    Files exist and parse and each key matches its certificate (``ssl`` checks it).
+    """
+    problems = []
+    tls = settings.node.tls
+    if tls is not None:
+        try:
+            server_context(tls.cert, tls.key, tls.ca, tls.require_client_cert)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    for i, dest in enumerate(settings.export.destinations):
+        if dest.tls is not None:
+            try:
+                prefix = f"export.destinations[{i}].tls"
+                client_context(dest.tls.ca, dest.tls.cert, dest.tls.key, prefix)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    return problems

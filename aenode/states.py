@@ -45,6 +45,7 @@ class JobState(StrEnum):
     INFERRED = "inferred"
     EXPORTING = "exporting"
     DONE = "done"
+    COMMITTED = "committed"
     REJECTED = "rejected"
     FAILED = "failed"
     QUARANTINED = "quarantined"
@@ -56,6 +57,8 @@ class OutboxState(StrEnum):
     PENDING = "pending"
     SENDING = "sending"
     SENT = "sent"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
     FAILED = "failed"
     QUARANTINED = "quarantined"
 
@@ -101,9 +104,13 @@ TRANSITIONS: Mapping[type[StrEnum], Mapping[StrEnum, frozenset[StrEnum]]] = {
         # RUNNING -> QUEUED and INFERRED -> QUEUED: a restart resumes a half-done job.
         # -> QUARANTINED: the same unexpected error on every try (a dead letter).
         J.RUNNING: frozenset({J.INFERRED, J.REJECTED, J.FAILED, J.QUEUED, J.QUARANTINED}),
-        J.INFERRED: frozenset({J.EXPORTING, J.DONE, J.FAILED, J.QUEUED, J.QUARANTINED}),
-        J.EXPORTING: frozenset({J.DONE, J.FAILED}),
+        J.INFERRED: frozenset(
+            {J.EXPORTING, J.DONE, J.COMMITTED, J.FAILED, J.QUEUED, J.QUARANTINED}
+        ),
+        # EXPORTING -> COMMITTED: every storage commitment destination reported success.
+        J.EXPORTING: frozenset({J.DONE, J.COMMITTED, J.FAILED}),
         J.DONE: frozenset(),
+        J.COMMITTED: frozenset(),
         # `aenode retry`: the export again, or the whole job.
         J.REJECTED: frozenset({J.QUEUED}),
         J.FAILED: frozenset({J.QUEUED, J.EXPORTING}),
@@ -112,8 +119,12 @@ TRANSITIONS: Mapping[type[StrEnum], Mapping[StrEnum, frozenset[StrEnum]]] = {
     OutboxState: {
         O.PENDING: frozenset({O.SENDING}),
         # SENDING -> PENDING: a retry later, or a restart after a process died mid-send.
-        O.SENDING: frozenset({O.PENDING, O.SENT, O.FAILED, O.QUARANTINED}),
+        # SENDING -> COMMITTING: stored, the storage commitment request is out.
+        O.SENDING: frozenset({O.PENDING, O.SENT, O.COMMITTING, O.FAILED, O.QUARANTINED}),
         O.SENT: frozenset(),
+        # COMMITTING -> PENDING: failed instances to send again, or no report in time.
+        O.COMMITTING: frozenset({O.COMMITTED, O.PENDING, O.FAILED}),
+        O.COMMITTED: frozenset(),
         O.FAILED: frozenset({O.PENDING}),
         O.QUARANTINED: frozenset({O.PENDING}),
     },

@@ -11,6 +11,7 @@ table                                                          owner
 ``jobs`` (one per model run)                                   :mod:`aenode.jobs`
 ``outbox`` (result delivery with retries)                      :mod:`aenode.export.outbox`
 ``select_roles``, ``select_studies`` (study rules)             :mod:`aenode.select.studies`
+``commitment_reports`` (storage commitment N-EVENT-REPORTs)     :mod:`aenode.export.commitment`
 =============================================================  ============================
 
 The schema is versioned (``meta.schema``): a store written by an older release is migrated
@@ -39,9 +40,11 @@ __all__ = ["MIGRATIONS", "QueueItem", "SCHEMA_VERSION", "Store", "StoreError"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 """Version 1: the first release. Version 2: the study-role tables belong to the store
-(they were created by the study tracker) and the outbox is indexed by job."""
+(they were created by the study tracker) and the outbox is indexed by job. Version 3:
+``associations.peer_subject`` (the TLS client certificate's subject). Version 4: storage
+commitment (``outbox.commit_*`` and ``commitment_reports``)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -93,7 +96,8 @@ CREATE TABLE IF NOT EXISTS associations (
     calling_ae TEXT,
     peer_host TEXT,
     started_at REAL NOT NULL,
-    released_at REAL
+    released_at REAL,
+    peer_subject TEXT
 );
 CREATE TABLE IF NOT EXISTS queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -141,6 +145,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_try_at REAL NOT NULL DEFAULT 0,
     last_error TEXT,
     sent_at REAL,
+    commit_uid TEXT,
+    commit_deadline REAL,
+    committed_at REAL,
     UNIQUE (job_id, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_try_at);
@@ -165,6 +172,13 @@ CREATE TABLE IF NOT EXISTS select_studies (
     PRIMARY KEY (rule, study_uid)
 );
 CREATE INDEX IF NOT EXISTS select_studies_state ON select_studies (state, last_match);
+CREATE TABLE IF NOT EXISTS commitment_reports (
+    transaction_uid TEXT PRIMARY KEY,
+    calling_ae TEXT,
+    committed TEXT NOT NULL,
+    failed TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
 """
 
 MIGRATIONS: dict[int, str] = {
@@ -191,6 +205,23 @@ CREATE TABLE IF NOT EXISTS select_studies (
 );
 CREATE INDEX IF NOT EXISTS select_studies_state ON select_studies (state, last_match);
 CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
+""",
+    # 2 -> 3: the subject of a TLS peer's certificate, recorded with its association.
+    2: """
+ALTER TABLE associations ADD COLUMN peer_subject TEXT;
+""",
+    # 3 -> 4: storage commitment of exported results.
+    3: """
+ALTER TABLE outbox ADD COLUMN commit_uid TEXT;
+ALTER TABLE outbox ADD COLUMN commit_deadline REAL;
+ALTER TABLE outbox ADD COLUMN committed_at REAL;
+CREATE TABLE IF NOT EXISTS commitment_reports (
+    transaction_uid TEXT PRIMARY KEY,
+    calling_ae TEXT,
+    committed TEXT NOT NULL,
+    failed TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
 """,
 }
 """From-version -> statements that bring a store to the next version."""

@@ -11,15 +11,19 @@ Parts (each against real processes: ``aenode serve``, dcmtk, Orthanc as the dest
   instances) with rewritten UIDs; none refused, every instance recorded once;
 - kill: ``kill -9`` of the node at each stage (receiving, assembling, inferring, writing,
   exporting) of a study; after the restart (and the sender's resend) the results must
-  reach Orthanc, once each.
+  reach Orthanc, once each;
+- commit: storage commitment to Orthanc with ``kill -9`` of the node while the results are
+  being sent or committed, and with Orthanc restarted between the store and its report
+  (the first report is lost); the job must end ``committed`` with the results once each.
 
 Ends with the table: test, inputs tried, failures seen, data lost, pipeline stopped.
-Usage: ``python stress/run.py [--fuzz N] [--pdu N] [--only fuzz,pdu,parallel,kill]``.
+Usage: ``python stress/run.py [--fuzz N] [--pdu N] [--only fuzz,pdu,parallel,kill,commit]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import signal
@@ -39,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import pydicom  # noqa: E402
 import yaml  # noqa: E402
-from conftest import DATA, dcmtk  # noqa: E402
+from conftest import DATA, dcmtk, free_port  # noqa: E402
 from fuzzing import Fuzzed, fuzz, pdu_abuse, rewrite_uids, send_raw, sources, split  # noqa: E402
 from orthanc import Orthanc  # noqa: E402
 from pynetdicom import _config  # noqa: E402
@@ -293,13 +297,106 @@ def run_kill(tmp: Path) -> list[Row]:
     return rows
 
 
+def _commit_node(tmp: Path, orthanc: Orthanc, port: int) -> NodeProcess:
+    destination = {
+        "ae_title": "ORTHANC",
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+        "storage_commitment": True,
+    }
+    return _node(
+        tmp,
+        {
+            "node": {"port": port},
+            "export": {
+                "destinations": [destination],
+                "retry": {"initial_seconds": 1.0, "max_interval_seconds": 4.0},
+                "commitment_timeout_seconds": 5.0,
+            },
+            "series": {"quiet_seconds": 2.0},
+            # The hippocampus rule only (the one model NodeProcess enables).
+            "selection": {
+                "rules": [
+                    r
+                    for r in yaml.safe_load((ROOT / "config.yaml").read_text())["selection"][
+                        "rules"
+                    ]
+                    if r["name"] == "hippocampus"
+                ]
+            },
+        },
+    )
+
+
+def _commit_case(tmp: Path, name: str, rng: random.Random, restart_pacs: bool) -> Row:
+    """One storage commitment case: kill -9 of the node, or an Orthanc restart."""
+    row = Row(name, tried=1)
+    port = free_port()
+    # Orthanc's report goes to the node's port; for the PACS restart case first to nowhere.
+    report_port = free_port() if restart_pacs else port
+    orthanc = Orthanc(
+        tmp / f"orthanc-{port}", modalities={"aenode": ("AENODE", "127.0.0.1", report_port)}
+    ).start()
+    node = _commit_node(tmp / f"node-{port}", orthanc, port)
+    src = sorted((DATA / "udacity-mr" / "Study1" / "13_HCropVolume").glob("*.dcm"))
+    folder = rewrite_uids(src, tmp / f"commit-src-{port}", rng)[0].parent
+    study = str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).StudyInstanceUID)
+    try:
+        node.start(timeout=90)  # inside: a node that cannot start leaves no Orthanc behind
+        if storescu(node.port, folder, opts=("+sd",)).returncode != 0:
+            row.failures += 1
+        wanted = "committing" if restart_pacs else "sending','committing"
+        deadline = time.monotonic() + 180
+        reached = False
+        while time.monotonic() < deadline and not reached:
+            reached = bool(node.query(f"SELECT 1 FROM outbox WHERE state IN ('{wanted}')"))
+            time.sleep(0.01)
+        if restart_pacs:
+            config = json.loads(orthanc.config_path.read_text())
+            config["DicomModalities"]["aenode"] = ["AENODE", "127.0.0.1", port]
+            orthanc.config_path.write_text(json.dumps(config))
+            orthanc.restart()
+        else:
+            node.stop(signal.SIGKILL)
+            node.start(timeout=90)
+        state = None
+        limit = time.monotonic() + 180
+        while time.monotonic() < limit:
+            jobs = node.query("SELECT state FROM jobs WHERE model='hippocampus'")
+            state = jobs[0]["state"] if jobs else None
+            if state in ("committed", "failed"):
+                break
+            time.sleep(0.5)
+        found = _results(orthanc, study)
+        if state != "committed" or len(found) < 3:
+            row.stopped = 1
+        row.lost += sum(n - 1 for n in found.values() if n > 1)
+        row.note = (
+            f"{'stage reached' if reached else 'stage not seen'}; job {state}; "
+            f"results in Orthanc: {sorted(found.values())}"
+        )
+    finally:
+        if node.proc is not None:
+            node.stop()
+        orthanc.stop()
+    return row
+
+
+def run_commit(tmp: Path) -> list[Row]:
+    rng = random.Random(15)
+    return [
+        _commit_case(tmp, "storage commitment, kill -9 while exporting", rng, restart_pacs=False),
+        _commit_case(tmp, "storage commitment, PACS restart before report", rng, restart_pacs=True),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fuzz", type=int, default=10_000)
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--pdu", type=int, default=500)
     parser.add_argument("--minutes", type=float, default=40.0, help="bound on the fuzz part")
-    parser.add_argument("--only", default="fuzz,pdu,parallel,kill")
+    parser.add_argument("--only", default="fuzz,pdu,parallel,kill,commit")
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="aenode-stress-"))
@@ -312,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         ("pdu", lambda: [run_pdu(tmp, args.pdu)]),
         ("parallel", lambda: [run_parallel(tmp)]),
         ("kill", lambda: run_kill(tmp)),
+        ("commit", lambda: run_commit(tmp)),
     ]
     try:
         for name, part in plan:

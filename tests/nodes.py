@@ -30,7 +30,10 @@ class Receivers:
         }
         for section, values in (overrides or {}).items():
             config.setdefault(section, {}).update(values)
-        self.port = int(config["node"]["port"])
+        node = config["node"]
+        self.port = node["port"]
+        # The port start() waits for: the plain one, else the TLS one (node.port null).
+        self.listen_port = int(node["port"] if node["port"] is not None else node["tls"]["port"])
         self.storage = Path(config["storage"]["path"])
         self.config = tmp / "receivers.yaml"
         self.config.write_text(yaml.safe_dump(config))
@@ -50,7 +53,7 @@ class Receivers:
             if self.proc.poll() is not None:
                 pytest.fail(f"receivers exited with {self.proc.returncode}:\n{self.log_text()}")
             if "listening\n" in self.log_text():
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                with socket.create_connection(("127.0.0.1", self.listen_port), timeout=1):
                     return self
             time.sleep(0.05)
         pytest.fail(f"receivers did not listen within {timeout} s:\n{self.log_text()}")

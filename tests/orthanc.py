@@ -39,14 +39,17 @@ class Orthanc:
         ``DicomModalities``: peers Orthanc may send to (for example our node).
     lua : str or None
         Lua script source, written next to the configuration and loaded via ``LuaScripts``.
+    extra : dict or None
+        More configuration keys (for example ``DicomTlsEnabled`` and its certificates).
     """
 
     def __init__(
         self,
         folder: Path,
         aet: str = "ORTHANC",
-        modalities: dict[str, tuple[str, str, int]] | None = None,
+        modalities: dict[str, tuple[str, str, int] | dict[str, Any]] | None = None,
         lua: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.aet = aet
@@ -63,13 +66,16 @@ class Orthanc:
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
+            "DicomModalities": {
+                k: v if isinstance(v, dict) else list(v) for k, v in (modalities or {}).items()
+            },
             "StableAge": 1,
             "OverwriteInstances": True,
             "DicomCheckCalledAet": False,
             "HttpsVerifyPeers": False,
             "Plugins": [],
         }
+        config.update(extra or {})
         if lua is not None:
             script = self.folder / "script.lua"
             script.write_text(lua, encoding="utf-8")

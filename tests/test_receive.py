@@ -52,7 +52,10 @@ class NodeProcess:
         }
         for section, values in (overrides or {}).items():
             config.setdefault(section, {}).update(values)
-        self.port = int(config["node"]["port"])
+        node = config["node"]
+        self.port = node["port"]
+        # The port start() waits for: the plain one, else the TLS one (node.port null).
+        self.listen_port = int(node["port"] if node["port"] is not None else node["tls"]["port"])
         self.config = tmp / "aenode.yaml"
         self.config.write_text(yaml.safe_dump(config))
         self.log = tmp / "aenode.log"
@@ -73,7 +76,7 @@ class NodeProcess:
             if self.proc.poll() is not None:
                 pytest.fail(f"aenode serve exited with {self.proc.returncode}:\n{self.log_text()}")
             if "listening on" in self.log_text()[offset:]:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                with socket.create_connection(("127.0.0.1", self.listen_port), timeout=1):
                     return self
             time.sleep(0.1)
         self.proc.kill()  # never leave a node running behind a failed test

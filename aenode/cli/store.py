@@ -11,7 +11,7 @@ from typing import Any
 
 from aenode.config import Settings
 from aenode.errors import InputError
-from aenode.export.outbox import Outbox
+from aenode.export.outbox import Outbox, export_states
 from aenode.health import read_refusal
 from aenode.jobs import JobRecord, recent_jobs, retry_job
 from aenode.quarantine import release_quarantined
@@ -127,8 +127,13 @@ def command_jobs(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     try:
         jobs = [_job_dict(j) for j in recent_jobs(store, args.limit)]
+        exports = export_states(store, [j["id"] for j in jobs])
     finally:
         store.close()
+    for j in jobs:
+        # Per destination: pending, sending, sent, committing (storage commitment asked,
+        # no report yet), committed, failed, quarantined.
+        j["exports"] = [{"destination": d, "state": st} for d, st in exports.get(j["id"], [])]
     if args.json:
         print(json.dumps({"jobs": jobs}, indent=2))
         return 0
@@ -143,6 +148,9 @@ def command_jobs(args: argparse.Namespace, settings: Settings) -> int:
         )
         if j["reason"]:
             print(f"{'':>5}  reason: {j['reason']}")
+        if j["exports"]:
+            each = ", ".join(f"{e['destination']} {e['state']}" for e in j["exports"])
+            print(f"{'':>5}  export: {each}")
         if j["findings"]:
             print(f"{'':>5}  findings: {findings_text(j['findings'])}")
     return 0

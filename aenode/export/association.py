@@ -12,6 +12,7 @@ as they are, read each response, release. pynetdicom still does everything else.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -141,11 +142,15 @@ class StoreAssociation:
         Proposed presentation contexts (at most 128), one transfer syntax each.
     timeout : float
         Seconds for connecting and for each read.
+    tls : ssl.SSLContext or None
+        DICOM TLS: the connection is wrapped before anything is sent and the server's
+        certificate checked against ``host`` (:func:`aenode.tls.client_context`).
 
     Raises
     ------
     AssociationError
-        If the connection fails, or the peer rejects or aborts the association.
+        If the connection or the TLS handshake fails (never retried in the clear), or the
+        peer rejects or aborts the association.
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class StoreAssociation:
         calling_ae: str,
         contexts: Sequence[tuple[str, str]],
         timeout: float,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.peer = f"{called_ae}@{host}:{port}"
         self.timeout = timeout
@@ -171,11 +177,33 @@ class StoreAssociation:
             raise AssociationError(f"{self.peer}: cannot connect: {exc}") from exc
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(timeout)
+        if tls is not None:
+            self.sock = self._wrap(tls, host)
         try:
             self._negotiate(called_ae, calling_ae)
         except BaseException:
             self.sock.close()
             raise
+
+    def _wrap(self, tls: ssl.SSLContext, host: str) -> socket.socket:
+        try:
+            return tls.wrap_socket(self.sock, server_hostname=host)
+        except ssl.SSLCertVerificationError as exc:
+            self.sock.close()
+            why = exc.verify_message or exc.reason
+            raise AssociationError(
+                f"{self.peer}: TLS: server certificate not accepted: {why}"
+            ) from exc
+        except ssl.SSLError as exc:
+            self.sock.close()
+            raise AssociationError(
+                f"{self.peer}: TLS handshake failed: {exc.reason or exc}"
+            ) from exc
+        except OSError as exc:
+            self.sock.close()
+            raise AssociationError(
+                f"{self.peer}: TLS handshake failed: {exc or 'timeout'} (is the port TLS?)"
+            ) from exc
 
     # -- PDUs ---------------------------------------------------------------------------
 

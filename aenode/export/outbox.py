@@ -25,10 +25,12 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
 
 from aenode import jobs
 from aenode.config import DestinationSettings, ExportSettings
 from aenode.errors import InputError
+from aenode.export.commitment import get_report, request_commitment
 from aenode.export.scu import SendOutcome, send_files
 from aenode.states import JobState, OutboxState, transition
 from aenode.store import Store
@@ -39,6 +41,7 @@ __all__ = [
     "OutboxError",
     "backoff_seconds",
     "destination_key",
+    "export_states",
     "parse_destination",
     "quarantined_exports",
 ]
@@ -91,8 +94,47 @@ def _file_entries(files: Sequence[Path]) -> list[dict[str, Any]]:
             uid = str(ds.file_meta.MediaStorageSOPInstanceUID)
         except (OSError, InvalidDicomError, AttributeError) as exc:
             raise OutboxError(f"{path}: cannot queue for export: {exc}") from exc
-        entries.append({"path": str(Path(path).resolve()), "sop_uid": uid, "sent": False})
+        entries.append(
+            {
+                "path": str(Path(path).resolve()),
+                "sop_uid": uid,
+                "sop_class": str(ds.file_meta.MediaStorageSOPClassUID),
+                "sent": False,
+            }
+        )
     return entries
+
+
+def _open_rows(conn: sqlite3.Connection, job_id: int) -> int:
+    """A job's rows not yet delivered (sent, or committed where commitment is asked)."""
+    (n,) = conn.execute(
+        "SELECT COUNT(*) FROM outbox WHERE job_id=? AND state NOT IN (?, ?)",
+        (job_id, OutboxState.SENT, OutboxState.COMMITTED),
+    ).fetchone()
+    return int(n)
+
+
+def export_states(store: Store, job_ids: Sequence[int]) -> dict[int, list[tuple[str, str]]]:
+    """Per job, its (destination, outbox state) pairs (``aenode jobs`` shows commitment)."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    if not job_ids:
+        return out
+    marks = ",".join("?" * len(job_ids))
+    rows = store.execute(
+        f"SELECT job_id, destination, state FROM outbox WHERE job_id IN ({marks}) ORDER BY id",
+        tuple(job_ids),
+    )
+    for r in rows:
+        out.setdefault(int(r["job_id"]), []).append((r["destination"], r["state"]))
+    return out
+
+
+def _sop_class(entry: dict[str, Any]) -> str:
+    """An entry's SOP Class UID (rows queued before it was recorded: from the file)."""
+    if entry.get("sop_class"):
+        return str(entry["sop_class"])
+    ds = dcmread(entry["path"], stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    return str(ds.file_meta.MediaStorageSOPClassUID)
 
 
 def quarantined_exports(store: Store) -> list[Quarantined]:
@@ -168,10 +210,7 @@ class Outbox:
                 " VALUES (?, ?, ?, ?, ?)",
                 (job_id, destination_key(destination), entries, OutboxState.PENDING, now),
             )
-        (open_rows,) = conn.execute(
-            "SELECT COUNT(*) FROM outbox WHERE job_id=? AND state!=?", (job_id, OutboxState.SENT)
-        ).fetchone()
-        return int(open_rows)
+        return _open_rows(conn, job_id)
 
     @staticmethod
     def _move(conn: sqlite3.Connection, row_id: int, new: OutboxState, **fields: Any) -> None:
@@ -241,6 +280,15 @@ class Outbox:
 
     # -- sending ----------------------------------------------------------------------
 
+    def destination(self, key: str) -> DestinationSettings:
+        """The configured destination of an outbox row (with its ``tls`` and commitment
+        settings), else the one its key names (a row that outlived a configuration change).
+        """
+        for destination in self.settings.destinations:
+            if destination_key(destination) == key:
+                return destination
+        return parse_destination(key)
+
     def _claim(self, now: float) -> list[sqlite3.Row]:
         with self.store.transaction() as conn:
             rows = conn.execute(
@@ -265,6 +313,7 @@ class Outbox:
             How many rows were handled (sent, rescheduled or failed).
         """
         clock = time.time() if now is None else now
+        handled = self.check_commitments(clock)
         rows = self._claim(clock)
         for row in rows:
             t = clock if now is not None else time.time()
@@ -274,7 +323,7 @@ class Outbox:
                 if is_resource_error(exc):
                     raise  # the loop backs off; recover() hands the claimed rows back
                 self._unexpected(row, t, exc)
-        return len(rows)
+        return handled + len(rows)
 
     def _unexpected(self, row: sqlite3.Row, now: float, exc: Exception) -> None:
         """A row whose handling raised: due again later, quarantined after a few tries."""
@@ -316,7 +365,7 @@ class Outbox:
             self._finish_failed(row, now, f"result file missing: {missing[0]}", ctx)
             return
         try:
-            destination = parse_destination(key)
+            destination = self.destination(key)
             outcome = send_files(
                 destination,
                 [Path(e["path"]) for e in todo],
@@ -331,9 +380,18 @@ class Outbox:
                 entry["sent"] = True
         files = json.dumps(entries)
         if all(e["sent"] for e in entries):
-            self._finish_sent(row, now, files, ctx)
+            if destination.storage_commitment:
+                self._request_commitment(row, now, entries, destination, ctx)
+            else:
+                self._finish_sent(row, now, files, ctx)
             return
         reason = outcome.error or next(iter(outcome.failed.values()), f"{key}: not all sent")
+        self._reschedule(row, now, files, reason, ctx)
+
+    def _reschedule(
+        self, row: sqlite3.Row, now: float, files: str, reason: str, ctx: dict[str, Any]
+    ) -> None:
+        """A failed try: due again after the back-off, or failed for good past the budget."""
         attempts = row["attempts"] + 1
         first = row["first_try_at"] if row["first_try_at"] is not None else now
         retry = self.settings.retry
@@ -362,6 +420,120 @@ class Outbox:
             extra=ctx,
         )
 
+    # -- storage commitment -----------------------------------------------------------
+
+    def _request_commitment(
+        self,
+        row: sqlite3.Row,
+        now: float,
+        entries: list[dict[str, Any]],
+        destination: DestinationSettings,
+        ctx: dict[str, Any],
+    ) -> None:
+        """Everything is stored: record the transaction (durably, first), then ask for it."""
+        uid = generate_uid()
+        files = json.dumps(entries)
+        timeout = self.settings.commitment_timeout_seconds
+        with self.store.transaction() as conn:
+            self._move(
+                conn,
+                row["id"],
+                OutboxState.COMMITTING,
+                files=files,
+                commit_uid=uid,
+                commit_deadline=now + timeout,
+                sent_at=now,
+                first_try_at=row["first_try_at"] if row["first_try_at"] is not None else now,
+            )
+            jobs.note(
+                conn,
+                row["job_id"],
+                f"stored at {row['destination']}, waiting for its storage commitment report",
+            )
+        instances = [(_sop_class(e), e["sop_uid"]) for e in entries]
+        why = request_commitment(
+            destination,
+            instances,
+            uid,
+            calling_ae=self.calling_ae,
+            timeout=self.settings.retry.timeout_seconds,
+            store=self.store,
+        )
+        if why is None:
+            return
+        claimed = self.store.execute("SELECT * FROM outbox WHERE id=?", (row["id"],))[0]
+        if claimed["state"] == OutboxState.COMMITTING and claimed["commit_uid"] == uid:
+            self._reschedule(claimed, time.time(), files, why, ctx)
+
+    def check_commitments(self, now: float | None = None) -> int:
+        """Apply the storage commitment reports that arrived; time out those that did not.
+
+        A report committing every instance makes the row ``committed``; instances reported
+        failed (or missing from the report) are marked unsent and the row is due again
+        after the back-off, as is a row whose report did not come within
+        ``export.commitment_timeout_seconds`` (the request is then sent again).
+
+        Returns
+        -------
+        int
+            Rows changed.
+        """
+        clock = time.time() if now is None else now
+        rows = self.store.execute("SELECT * FROM outbox WHERE state=?", (OutboxState.COMMITTING,))
+        changed = 0
+        for row in rows:
+            ctx = {"job": row["job_id"], "dest": row["destination"]}
+            report = get_report(self.store, row["commit_uid"]) if row["commit_uid"] else None
+            entries: list[dict[str, Any]] = json.loads(row["files"])
+            if report is None:
+                if clock < (row["commit_deadline"] or 0):
+                    continue
+                why = (
+                    f"{row['destination']}: no storage commitment report within "
+                    f"{self.settings.commitment_timeout_seconds:g} s"
+                )
+                self._reschedule(row, clock, row["files"], why, ctx)
+                changed += 1
+                continue
+            committed = set(report.committed)
+            missing = {
+                e["sop_uid"]: report.failed.get(e["sop_uid"], "not in the report")
+                for e in entries
+                if e["sop_uid"] not in committed
+            }
+            if not missing:
+                self._finish_committed(row, clock, ctx)
+                changed += 1
+                continue
+            for entry in entries:
+                if entry["sop_uid"] in missing:
+                    entry["sent"] = False
+            uid, reason = next(iter(missing.items()))
+            why = (
+                f"{row['destination']}: storage commitment failed for {len(missing)} of "
+                f"{len(entries)} instance(s) ({uid}: {reason}); sending them again"
+            )
+            self._reschedule(row, clock, json.dumps(entries), why, ctx)
+            changed += 1
+        return changed
+
+    def _finish_committed(self, row: sqlite3.Row, now: float, ctx: dict[str, Any]) -> None:
+        with self.store.transaction() as conn:
+            self._move(conn, row["id"], OutboxState.COMMITTED, committed_at=now, last_error=None)
+            self._job_delivered(conn, row["job_id"], now)
+        log.info("storage commitment confirmed", extra=ctx)
+
+    def _job_delivered(self, conn: sqlite3.Connection, job_id: int, now: float) -> None:
+        """When no row of the job is open: ``committed`` if any row was, else ``done``."""
+        if _open_rows(conn, job_id):
+            return
+        (committed,) = conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE job_id=? AND state=?",
+            (job_id, OutboxState.COMMITTED),
+        ).fetchone()
+        state = JobState.COMMITTED if committed else JobState.DONE
+        jobs.move(conn, job_id, state, reason=None, t_exported=now)
+
     def _finish_sent(self, row: sqlite3.Row, now: float, files: str, ctx: dict[str, Any]) -> None:
         with self.store.transaction() as conn:
             self._move(
@@ -374,12 +546,7 @@ class Outbox:
                 first_try_at=row["first_try_at"] if row["first_try_at"] is not None else now,
                 last_error=None,
             )
-            open_rows = conn.execute(
-                "SELECT COUNT(*) FROM outbox WHERE job_id=? AND state!=?",
-                (row["job_id"], OutboxState.SENT),
-            ).fetchone()[0]
-            if open_rows == 0:
-                jobs.move(conn, row["job_id"], JobState.DONE, reason=None, t_exported=now)
+            self._job_delivered(conn, row["job_id"], now)
         log.info("export sent", extra=ctx)
 
     def _finish_failed(
@@ -413,7 +580,9 @@ class Outbox:
     def next_due(self) -> float | None:
         """Epoch seconds of the earliest pending row, or None."""
         rows = self.store.execute(
-            "SELECT MIN(next_try_at) AS t FROM outbox WHERE state=?", (OutboxState.PENDING,)
+            "SELECT MIN(CASE WHEN state=? THEN next_try_at ELSE commit_deadline END) AS t"
+            " FROM outbox WHERE state IN (?, ?)",
+            (OutboxState.PENDING, OutboxState.PENDING, OutboxState.COMMITTING),
         )
         value = rows[0]["t"] if rows else None
         return float(value) if value is not None else None

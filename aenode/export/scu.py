@@ -10,6 +10,7 @@ The same module answers :func:`echo` (C-ECHO).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode, split_dataset
 
 from aenode.config import DestinationSettings
+from aenode.errors import ConfigError
 from aenode.export.association import (
     IMPLICIT_VR_LE,
     VERIFICATION,
@@ -29,8 +31,9 @@ from aenode.export.association import (
     StoreAssociation,
     StoreResponse,
 )
+from aenode.tls import client_context
 
-__all__ = ["SendOutcome", "echo", "echo_reason", "send_files"]
+__all__ = ["SendOutcome", "destination_tls", "echo", "echo_reason", "send_files"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,20 @@ class _Item:
     sop_instance: UID
     syntax: UID
     offset: int
+
+
+def destination_tls(destination: DestinationSettings) -> ssl.SSLContext | None:
+    """The client TLS context of a destination with ``tls`` set, else None.
+
+    Raises
+    ------
+    ConfigError
+        If a file it names cannot be loaded any more (a failed try, never a plain send).
+    """
+    tls = destination.tls
+    if tls is None:
+        return None
+    return client_context(tls.ca, tls.cert, tls.key, prefix=f"{_peer(destination)} tls")
 
 
 def _peer(destination: DestinationSettings) -> str:
@@ -209,8 +226,9 @@ def send_files(
             calling_ae,
             contexts,
             timeout,
+            tls=destination_tls(destination),
         )
-    except AssociationError as exc:
+    except (AssociationError, ConfigError) as exc:
         outcome.error = str(exc)
         for item in items:
             outcome.failed[str(item.sop_instance)] = outcome.error

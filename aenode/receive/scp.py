@@ -13,6 +13,7 @@ import logging
 import socket
 import socketserver
 import sqlite3
+import ssl
 import threading
 import time
 import uuid
@@ -37,6 +38,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from aenode.assemble import record_association_end
 from aenode.config import PeerSettings, Settings
+from aenode.errors import ConfigError
+from aenode.export.commitment import STORAGE_COMMITMENT, handle_report
 from aenode.health import RefusalCheck
 from aenode.receive.check import check_structure, failure_status
 from aenode.receive.guard import (
@@ -49,6 +52,7 @@ from aenode.receive.header import InvalidInstance, header_from_dataset, parse_he
 from aenode.receive.negotiation import describe, storage_contexts
 from aenode.receive.spool import OutOfSpace, Spool
 from aenode.store import Store
+from aenode.tls import peer_subject, server_context
 
 __all__ = [
     "STATUS_OUT_OF_RESOURCES",
@@ -62,6 +66,7 @@ __all__ = [
     "handle_store",
     "peer_allowed",
     "serve_receiver",
+    "tls_handshake",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,6 +88,7 @@ class ReceiverServer(ThreadedAssociationServer):
 
     request_queue_size = LISTEN_BACKLOG
     guard: ConnectionGuard | None = None
+    tls: ssl.SSLContext | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection and turn Nagle's algorithm off on it."""
@@ -103,12 +109,75 @@ class ReceiverServer(ThreadedAssociationServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """In the connection's thread: admit it (see :mod:`aenode.receive.guard`), then
-        hand it to pynetdicom."""
-        if self.guard is not None:
+        hand it to pynetdicom. On the TLS port the handshake comes first (here, not in the
+        accepting thread as pynetdicom's ``ssl_context`` would do it)."""
+        if self.tls is not None:
+            request = tls_handshake(self.tls, request, self.guard)
+            if request is None:
+                return
+        elif self.guard is not None:
             request = self.guard.admit(request)
             if request is None:
                 return
         super().finish_request(request, client_address)
+
+
+_NOT_TLS = ("not TLS: plain DICOM on the TLS port?", logging.WARNING)
+_HANDSHAKE_REASONS = {
+    "WRONG_VERSION_NUMBER": _NOT_TLS,
+    "HTTP_REQUEST": _NOT_TLS,
+    "UNKNOWN_PROTOCOL": _NOT_TLS,
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": (
+        "no client certificate (node.tls.require_client_cert is true)",
+        logging.WARNING,
+    ),
+    # A port probe (load balancer, monitoring) that connects and closes.
+    "UNEXPECTED_EOF_WHILE_READING": ("closed by the peer during the handshake", logging.INFO),
+}
+
+
+def tls_handshake(
+    context: ssl.SSLContext, sock: socket.socket, guard: ConnectionGuard | None
+) -> ssl.SSLSocket | None:
+    """Server side of the TLS handshake on an accepted connection; None if it failed.
+
+    The handshake must end within ``node.artim_timeout``. A refusal (plain TCP on the TLS
+    port, a certificate not signed by ``node.tls.ca``, no certificate when one is required)
+    is logged with OpenSSL's reason; a success with the peer's certificate subject.
+    """
+    peer = "?"
+    try:
+        host, port = sock.getpeername()[:2]
+        peer = f"{host}:{port}"
+        sock.settimeout(guard.artim if guard is not None else 10.0)
+        tls_sock = context.wrap_socket(sock, server_side=True)
+    except ssl.SSLCertVerificationError as exc:
+        log.warning(
+            "TLS connection from %s refused: client certificate not accepted: %s",
+            peer,
+            exc.verify_message or exc.reason,
+        )
+        sock.close()
+        return None
+    except ssl.SSLError as exc:
+        code = str(exc.reason or exc)
+        reason, level = _HANDSHAKE_REASONS.get(code, (code, logging.WARNING))
+        log.log(level, "TLS connection from %s refused: %s (%s)", peer, reason, code)
+        sock.close()
+        return None
+    except OSError as exc:  # timeout or reset before the handshake ended
+        log.warning("TLS connection from %s refused: no TLS handshake: %s", peer, exc or "timeout")
+        sock.close()
+        return None
+    tls_sock.settimeout(guard.pdu_timeout if guard is not None else None)
+    log.info(
+        "TLS connection from %s: %s, %s, client certificate %s",
+        peer,
+        tls_sock.version(),
+        (tls_sock.cipher() or ("?",))[0],
+        peer_subject(tls_sock) or "none",
+    )
+    return tls_sock
 
 
 @dataclass
@@ -118,6 +187,7 @@ class _AssocState:
     peer_host: str
     started_at: float
     delivered: int = 0
+    peer_subject: str | None = None
 
 
 @dataclass
@@ -149,11 +219,13 @@ class Receiver:
             found = self._assocs.get(key)
             if found is None:
                 requestor = event.assoc.requestor
+                dul_socket = event.assoc.dul.socket
                 found = _AssocState(
                     assoc_id=uuid.uuid4().hex[:16],
                     calling_ae=str(requestor.ae_title).strip(),
                     peer_host=str(requestor.address),
                     started_at=time.time(),
+                    peer_subject=peer_subject(dul_socket.socket) if dul_socket else None,
                 )
                 self._assocs[key] = found
             return found
@@ -324,11 +396,13 @@ def handle_ended(event: Event, receiver: Receiver) -> None:
         state.peer_host,
         state.started_at,
         time.time(),
+        peer_subject=state.peer_subject,
     )
     log.debug(
-        "association ended (%s) after %d instance(s)",
+        "association ended (%s) after %d instance(s)%s",
         event.event.name,
         state.delivered,
+        f" (TLS, {state.peer_subject})" if state.peer_subject else "",
         extra={"peer_ae": state.calling_ae, "assoc": state.assoc_id},
     )
 
@@ -371,6 +445,8 @@ def build_ae(settings: Settings, receivers: int) -> AE:
     _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=node.ae_title)
     ae.supported_contexts = _contexts(node.accept_unknown_storage)
+    # Storage commitment reports (N-EVENT-REPORT) a PACS opens back to us: either role.
+    ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
     ae.require_called_aet = node.check_called_ae
     ae.maximum_associations = 2 * node.max_associations + max(2, receivers)
     ae.maximum_pdu_size = node.max_pdu_size
@@ -429,31 +505,53 @@ def serve_receiver(
         (evt.EVT_REQUESTED, handle_requested, [receiver]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [receiver]),
+        (evt.EVT_N_EVENT_REPORT, handle_report, [store]),
         (evt.EVT_RELEASED, handle_ended, [receiver]),
         (evt.EVT_ABORTED, handle_ended, [receiver]),
         (evt.EVT_CONN_CLOSE, handle_ended, [receiver]),
     ]
-    address = (settings.node.host, settings.node.port)
+    servers = []
     try:
-        server = cast(
-            ReceiverServer,
-            ae.make_server(address, evt_handlers=handlers, server_class=ReceiverServer),
-        )
-    except OSError as exc:
+        for port, with_tls in settings.node.ports:
+            servers.append(_listen(ae, settings, port, handlers, with_tls))
+    except (OSError, ConfigError):
+        for server in servers:
+            server.shutdown()
         store.close()
-        raise OSError(exc.errno, f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
-    server.guard = ConnectionGuard(settings.node)
-    if server.socket is not None:
-        server.socket.listen(settings.node.listen_backlog)
-    thread = threading.Thread(target=server.serve_forever, name="aenode-receiver", daemon=True)
-    thread.start()
+        raise
+    for server in servers:
+        threading.Thread(target=server.serve_forever, name="aenode-receiver", daemon=True).start()
     if ready is not None:
         ready.set()
     stop.wait()
-    server.shutdown()
+    for server in servers:
+        server.shutdown()
     deadline = time.monotonic() + drain_seconds
     # Associations still exchanging data may finish; released ones are only winding down.
     while time.monotonic() < deadline and any(a.is_established for a in ae.active_associations):
         time.sleep(0.05)
     ae.shutdown()
     store.close()
+
+
+def _listen(
+    ae: AE, settings: Settings, port: int, handlers: list[EventHandlerType], with_tls: bool
+) -> ReceiverServer:
+    """A bound listener on ``port`` (the TLS one with its context)."""
+    address = (settings.node.host, port)
+    tls = settings.node.tls
+    context = None
+    if with_tls and tls is not None:
+        context = server_context(tls.cert, tls.key, tls.ca, tls.require_client_cert)
+    try:
+        server = cast(
+            ReceiverServer,
+            ae.make_server(address, evt_handlers=handlers, server_class=ReceiverServer),
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
+    server.guard = ConnectionGuard(settings.node)
+    server.tls = context
+    if server.socket is not None:
+        server.socket.listen(settings.node.listen_backlog)
+    return server

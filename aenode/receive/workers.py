@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from aenode.config import Settings
-from aenode.errors import AenodeError
+from aenode.errors import AenodeError, ConfigError
 from aenode.receive.guard import AssociationSlots, shared_counts
 from aenode.receive.scp import serve_receiver
 from aenode.supervise import Backoff
@@ -80,7 +80,7 @@ def _child(
         if counts is not None:
             slots = AssociationSlots(settings.node.max_associations, counts, index)
         serve_receiver(settings, stop, receivers=receivers, ready=ready, slots=slots)
-    except OSError as exc:
+    except (OSError, ConfigError) as exc:
         conn.send(f"error: {exc}")
         raise SystemExit(3) from exc
 
@@ -139,13 +139,21 @@ class ReceiverPool:
         except ReceiverError:
             self.stop()
             raise
+        node = self.settings.node
         log.info(
-            "listening on %s:%d as %s (%d receiving process(es))",
-            self.settings.node.host,
-            self.settings.node.port,
-            self.settings.node.ae_title,
+            "listening on %s port(s) %s as %s (%d receiving process(es))",
+            node.host,
+            ", ".join(f"{port}{' (TLS)' if tls else ''}" for port, tls in node.ports),
+            node.ae_title,
             self.count,
         )
+        if not node.loopback_only and node.allowed_peers is None:
+            log.warning(
+                "listening beyond loopback (node.host %s) and node.allowed_peers is not set: "
+                "any calling AE that reaches the port may send%s",
+                node.host,
+                "" if node.tls is None or node.port is not None else " with a trusted certificate",
+            )
 
     def check(self) -> int:
         """Restart receiving processes that exited; returns how many were restarted.

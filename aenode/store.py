@@ -11,6 +11,8 @@ table                                                          owner
 ``jobs`` (one per model run)                                   :mod:`aenode.jobs`
 ``outbox`` (result delivery with retries)                      :mod:`aenode.export.outbox`
 ``select_roles``, ``select_studies`` (study rules)             :mod:`aenode.select.studies`
+``audit`` (per-study trail of decisions and outcomes)           :mod:`aenode.audit`
+``refusals`` (C-STOREs answered with a failure status)          :mod:`aenode.receive.refusals`
 =============================================================  ============================
 
 The schema is versioned (``meta.schema``): a store written by an older release is migrated
@@ -39,11 +41,37 @@ __all__ = ["MIGRATIONS", "QueueItem", "SCHEMA_VERSION", "Store", "StoreError"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version 1: the first release. Version 2: the study-role tables belong to the store
-(they were created by the study tracker) and the outbox is indexed by job."""
+(they were created by the study tracker) and the outbox is indexed by job. Version 3: the
+audit trail (``audit``), the refused C-STOREs (``refusals``) and the end of each job's
+volume stage (``jobs.t_volume``)."""
 
-_SCHEMA = """
+_AUDIT_TABLES = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    study_uid TEXT,
+    series_uid TEXT,
+    job_id INTEGER,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_study ON audit (study_uid, at);
+CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id);
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    status INTEGER NOT NULL,
+    calling_ae TEXT,
+    sop_instance_uid TEXT,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS refusals_status ON refusals (status);
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -124,6 +152,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     t_started REAL,
     t_inferred REAL,
     t_written REAL,
+    t_volume REAL,
     t_exported REAL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -166,6 +195,8 @@ CREATE TABLE IF NOT EXISTS select_studies (
 );
 CREATE INDEX IF NOT EXISTS select_studies_state ON select_studies (state, last_match);
 """
+    + _AUDIT_TABLES
+)
 
 MIGRATIONS: dict[int, str] = {
     # 1 -> 2: a version-1 store may hold the study-role tables (made by the tracker) or not.
@@ -192,6 +223,8 @@ CREATE TABLE IF NOT EXISTS select_studies (
 CREATE INDEX IF NOT EXISTS select_studies_state ON select_studies (state, last_match);
 CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
 """,
+    # 2 -> 3: the audit trail and the refused C-STOREs.
+    2: _AUDIT_TABLES + "ALTER TABLE jobs ADD COLUMN t_volume REAL;",
 }
 """From-version -> statements that bring a store to the next version."""
 

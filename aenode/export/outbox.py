@@ -20,13 +20,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from aenode import jobs
+from aenode import audit, jobs
 from aenode.config import DestinationSettings, ExportSettings
 from aenode.errors import InputError
 from aenode.export.scu import SendOutcome, send_files
@@ -35,9 +36,11 @@ from aenode.store import Store
 from aenode.supervise import Failures, Quarantined, describe, is_resource_error, supervise
 
 __all__ = [
+    "DestinationLoad",
     "Outbox",
     "OutboxError",
     "backoff_seconds",
+    "destination_loads",
     "destination_key",
     "parse_destination",
     "quarantined_exports",
@@ -326,6 +329,15 @@ class Outbox:
         except (OutboxError, OSError, RuntimeError, ValueError) as exc:
             outcome = SendOutcome(ok=False, error=f"{key}: {exc}")
         sent = set(outcome.sent)
+        audit.record_export(
+            self.store,
+            row["job_id"],
+            key,
+            row["attempts"] + 1,
+            len(sent),
+            len(todo),
+            None if len(sent) >= len(todo) else (outcome.error or "not all sent"),
+        )
         for entry in entries:
             if entry["sop_uid"] in sent:
                 entry["sent"] = True
@@ -440,3 +452,58 @@ class Outbox:
 
         # After a store error, the rows this loop had claimed are handed back (recover).
         supervise("outbox", step, stop, idle=idle, on_resume=self.recover)
+
+
+@dataclass(frozen=True)
+class DestinationLoad:
+    """The outbox of one destination (``/metrics``, ``/healthz``, the dashboard).
+
+    Attributes
+    ----------
+    destination : str
+        ``AE@host:port``.
+    states : dict of OutboxState to int
+        Rows per state.
+    retries : int
+        Tries beyond the first, summed over the rows.
+    last_sent_at : float or None
+        When the last row was sent.
+    last_error : str or None
+        The error of the most recent row that has one.
+    """
+
+    destination: str
+    states: dict[OutboxState, int]
+    retries: int
+    last_sent_at: float | None
+    last_error: str | None
+
+    @property
+    def depth(self) -> int:
+        """Rows still to send (pending)."""
+        return self.states.get(OutboxState.PENDING, 0)
+
+
+def destination_loads(store: Store) -> dict[str, DestinationLoad]:
+    """Each destination's outbox: rows per state, retries, last success and error."""
+    rows = store.execute(
+        "SELECT destination, state, COUNT(*) AS n, SUM(MAX(attempts - 1, 0)) AS r,"
+        " MAX(sent_at) AS sent FROM outbox GROUP BY destination, state"
+    )
+    errors = {
+        r["destination"]: r["last_error"]
+        for r in store.execute(
+            "SELECT destination, last_error FROM outbox WHERE last_error IS NOT NULL ORDER BY id"
+        )
+    }
+    acc: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        entry = acc.setdefault(r["destination"], {"states": {}, "retries": 0, "sent": None})
+        entry["states"][OutboxState(r["state"])] = int(r["n"])
+        entry["retries"] += int(r["r"] or 0)
+        if r["sent"] is not None:
+            entry["sent"] = max(entry["sent"] or 0.0, float(r["sent"]))
+    return {
+        key: DestinationLoad(key, e["states"], e["retries"], e["sent"], errors.get(key))
+        for key, e in acc.items()
+    }

@@ -78,12 +78,17 @@ class Node:
         ------
         ReceiverError
             If the port cannot be bound.
+        aenode.web.WebError
+            If ``http.port`` cannot be bound (checked first, before the models load).
         RegistryError
             If a model package is invalid (missing file, checksum, card field).
         aenode.config.ConfigError
             If a selection rule names a model that is not loaded.
         """
         settings = self.settings
+        if settings.http.port is not None:  # a taken port stops start-up at once
+            self.web = WebServer(settings)
+            self.web.bind()
         # Models, rules and devices first: a node that cannot run its models accepts nothing.
         registry = Registry.load(settings.models)
         rules = compile_rules(settings.selection.rules, known_models=registry.names())
@@ -162,12 +167,9 @@ class Node:
         ]
         for thread in self._threads:
             thread.start()
-        if settings.http.port is not None:
+        if self.web is not None:
             # The dashboard, /healthz and /metrics, on a store connection of their own.
-            self.web = WebServer(
-                settings, Store(self.db), list(cards.values()), self.receivers.count
-            )
-            self.web.start()
+            self.web.start(Store(self.db), list(cards.values()), self.receivers.count)
 
     def fail(self, reason: str) -> None:
         """Refuse new C-STOREs from now on, with ``reason`` (a model or stage failed for good).

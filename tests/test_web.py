@@ -14,7 +14,9 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -228,8 +230,8 @@ def test_healthz_503_below_the_disk_floor(web: WebNode) -> None:
     card = ModelCard.model_validate(
         yaml.safe_load((ROOT / "models" / "hippocampus" / "model.yaml").read_text())
     )
-    server = WebServer(settings, Store(web.node.storage / "aenode.db"), [card], receivers=2)
-    server.start()
+    server = WebServer(settings)
+    server.start(Store(web.node.storage / "aenode.db"), [card], receivers=2)
     try:
         status, body, _ = get(f"http://127.0.0.1:{server.port}/healthz")
     finally:
@@ -247,8 +249,8 @@ def test_actions_need_allow_actions_and_the_token(web: WebNode) -> None:
     settings.http.port = free_port()
     settings.http.token = "s3cret"
     settings.http.allow_actions = True
-    server = WebServer(settings, Store(web.node.storage / "aenode.db"), [], receivers=2)
-    server.start()
+    server = WebServer(settings)
+    server.start(Store(web.node.storage / "aenode.db"), [], receivers=2)
     base = f"http://127.0.0.1:{server.port}"
     try:
         assert post(f"{base}/jobs/1/retry")[0] == 401
@@ -263,6 +265,26 @@ def test_actions_need_allow_actions_and_the_token(web: WebNode) -> None:
         assert status == 409
     finally:
         server.stop()
+
+
+def test_a_taken_http_port_stops_start_up_before_anything_listens(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        node = NodeProcess(tmp_path, {"http": {"host": "127.0.0.1", "port": port}})
+        started = time.monotonic()
+        result = subprocess.run(
+            [AENODE, "--config", str(node.config), "serve"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"http.port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "listening on" not in result.stderr and "models loaded" not in result.stderr
+    assert time.monotonic() - started < 30
 
 
 def test_allow_actions_needs_a_token() -> None:

@@ -407,6 +407,22 @@ def test_audit_lists_the_events_of_study1_in_order(web: WebNode) -> None:
         timeout=60,
     ).stdout
     assert len(text.splitlines()) == len(events)
+    # The dashboard's page of the study: the same events, one row each, in the same order.
+    status, page, _ = get(f"{web.base}/studies/{web.study_uid}")
+    html = page.decode()
+    assert status == 200 and html.count("<tr><td>") == len(events)
+    positions = [html.index(f"<td>{kind}</td>") for kind in ("received", "results", "export")]
+    assert positions == sorted(positions)
+    status, body, _ = get(f"{web.base}/studies/{web.study_uid}.json")
+    assert status == 200 and json.loads(body) == events
+    unknown = subprocess.run(
+        [AENODE, "--config", str(web.node.config), "audit", "1.2.3.4"],
+        capture_output=True,
+        text=True,
+        cwd=web.tmp,
+        timeout=60,
+    )
+    assert unknown.returncode == 1 and "no event for study 1.2.3.4" in unknown.stderr
     source = next(web.node.storage.joinpath("spool").rglob("*.dcm"))
     patient = pydicom.dcmread(source, stop_before_pixels=True)
     for value in (str(patient.PatientName), str(patient.PatientID)):

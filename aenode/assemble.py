@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
 
+from aenode import audit
 from aenode.config import SeriesSettings, Settings
 from aenode.records import SeriesInfo
 from aenode.states import SeriesState, transition
@@ -52,15 +53,19 @@ __all__ = [
     "SERIES_TOPIC",
     "Admission",
     "Assembler",
+    "AssociationReceipt",
     "SeriesRecord",
     "StoredInstance",
     "admit",
     "close_stale_associations",
     "complete_series",
+    "completion_counts",
     "expected_count",
     "note_series",
     "quarantine_series",
     "quarantined_series",
+    "received_by_association",
+    "received_totals",
     "recent_series",
     "record_association_end",
     "reject_series",
@@ -405,6 +410,17 @@ def complete_series(
         "completed_at": now,
     }
     store.enqueue(SERIES_TOPIC, f"{series_uid}:{revision}", payload, conn=conn)
+    audit.record(
+        conn,
+        audit.AuditEvent.SERIES_COMPLETE,
+        row["study_uid"],
+        series_uid=series_uid,
+        at=now,
+        completed_by=completed_by,
+        instances=len(files),
+        revision=revision,
+        expected=row["expected"],
+    )
     log.info(
         "series complete by %s: %d instance(s), revision %d",
         completed_by,
@@ -506,13 +522,22 @@ def reject_series(store: Store, series_uid: str, revision: int, reason: str) -> 
     """
     with store.transaction() as conn:
         row = conn.execute(
-            "SELECT state FROM series WHERE series_uid=? AND revision=?", (series_uid, revision)
+            "SELECT state, study_uid FROM series WHERE series_uid=? AND revision=?",
+            (series_uid, revision),
         ).fetchone()
         if row is None or row["state"] == SeriesState.REJECTED:
             return
         conn.execute(
             "UPDATE series SET state=?, reason=? WHERE series_uid=? AND revision=?",
             (transition(row["state"], SeriesState.REJECTED), reason, series_uid, revision),
+        )
+        audit.record(
+            conn,
+            audit.AuditEvent.SERIES_REJECTED,
+            row["study_uid"],
+            series_uid=series_uid,
+            revision=revision,
+            reason=reason,
         )
 
 
@@ -666,6 +691,75 @@ def recent_series(store: Store, limit: int = 50) -> list[SeriesRecord]:
         SeriesRecord(**{**{k: row[k] for k in names}, "state": SeriesState(row["state"])})
         for row in rows
     ]
+
+
+@dataclass(frozen=True)
+class AssociationReceipt:
+    """What one association delivered of one study (the audit trail's ``received``)."""
+
+    assoc_id: str
+    calling_ae: str | None
+    peer_host: str | None
+    count: int
+    series: int
+    bytes: int
+    first_at: float
+    last_at: float
+
+
+def received_by_association(store: Store, study_uid: str) -> list[AssociationReceipt]:
+    """The instances of a study per delivering association, oldest first.
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    study_uid : str
+        The Study Instance UID.
+
+    Returns
+    -------
+    list of AssociationReceipt
+    """
+    rows = store.execute(
+        "SELECT i.assoc_id AS assoc_id, MAX(i.calling_ae) AS calling_ae,"
+        " MAX(a.peer_host) AS peer_host, COUNT(*) AS n, COUNT(DISTINCT i.series_uid) AS s,"
+        " SUM(i.size) AS b, MIN(i.received_at) AS t0, MAX(i.received_at) AS t1"
+        " FROM instances i LEFT JOIN associations a ON a.assoc_id = i.assoc_id"
+        " WHERE i.study_uid=? GROUP BY i.assoc_id ORDER BY t0",
+        (study_uid,),
+    )
+    return [
+        AssociationReceipt(
+            str(r["assoc_id"]),
+            r["calling_ae"],
+            r["peer_host"],
+            int(r["n"]),
+            int(r["s"]),
+            int(r["b"] or 0),
+            float(r["t0"]),
+            float(r["t1"]),
+        )
+        for r in rows
+    ]
+
+
+def received_totals(store: Store) -> tuple[dict[str, int], int]:
+    """Instances in the ledger per calling AE, and their bytes (for ``/metrics``)."""
+    rows = store.execute(
+        "SELECT COALESCE(calling_ae, '') AS ae, COUNT(*) AS n, SUM(size) AS b"
+        " FROM instances GROUP BY calling_ae"
+    )
+    return {r["ae"]: int(r["n"]) for r in rows}, sum(int(r["b"] or 0) for r in rows)
+
+
+def completion_counts(store: Store) -> dict[str, int]:
+    """Series revisions completed, per completion condition (for ``/metrics``)."""
+    rows = store.execute(
+        "SELECT completed_by, COUNT(*) AS n FROM series"
+        " WHERE completed_by IS NOT NULL GROUP BY completed_by"
+    )
+    return {str(r["completed_by"]): int(r["n"]) for r in rows}
 
 
 def note_series(store: Store, series_uid: str, revision: int, reason: str) -> None:

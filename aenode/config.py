@@ -34,6 +34,7 @@ __all__ = [
     "DestinationSettings",
     "DestinationTlsSettings",
     "ExportSettings",
+    "HttpSettings",
     "LoggingSettings",
     "ModelsSettings",
     "NodeSettings",
@@ -327,6 +328,27 @@ class ExportSettings(_Section):
     )
 
 
+class HttpSettings(_Section):
+    """The operations web server inside ``aenode serve``: dashboard, /healthz, /metrics."""
+
+    host: str = Field(default="127.0.0.1", description="bind address; 0.0.0.0 exposes it")
+    port: int | None = Field(
+        default=8180, ge=1, le=65535, description="null turns the web server off"
+    )
+    allow_actions: bool = Field(
+        default=False, description="allow POST actions (retry a job); needs http.token"
+    )
+    token: str | None = Field(
+        default=None, description="bearer token the actions require (Authorization header)"
+    )
+
+    @model_validator(mode="after")
+    def _token_for_actions(self) -> HttpSettings:
+        if self.allow_actions and not self.token:
+            raise ValueError("http.token: required when http.allow_actions is true")
+        return self
+
+
 class LoggingSettings(_Section):
     """Console logging, configured by the CLI only."""
 
@@ -349,6 +371,7 @@ class Settings(_Section):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @property

@@ -458,7 +458,12 @@ def read_labels_csv(path: Path, card: ModelCard) -> dict[str, set[str]]:
 
 
 def evaluate_classification(
-    runtime: Runtime, card: ModelCard, images: Path, labels_csv: Path, cases: Sequence[str] | None
+    runtime: Runtime,
+    card: ModelCard,
+    images: Path,
+    labels_csv: Path,
+    cases: Sequence[str] | None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run a classifier on cases and score it against a labels CSV (:func:`read_labels_csv`).
 
@@ -481,6 +486,8 @@ def evaluate_classification(
         The reference classes.
     cases : sequence of str or None
         Only these cases.
+    progress : callable or None
+        Called with each case name when done.
 
     Returns
     -------
@@ -518,6 +525,8 @@ def evaluate_classification(
         rows.append(
             {"case": case, "truth": sorted(truth[case]), "predicted": predicted, "scores": probs}
         )
+        if progress is not None:
+            progress(case)
     if not rows:
         raise ConfigError(f"--labels: {labels_csv}: no cases")
     result: dict[str, dict[str, Any]] = {}
@@ -559,6 +568,7 @@ def evaluate_model(
     labels: Path,
     cases: Sequence[str] | None = None,
     predictions: Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run a loaded model on images and score it against reference labels.
 
@@ -577,6 +587,8 @@ def evaluate_model(
         name and grid).
         A classifier on a folder of PNGs writes ``predictions/predictions.csv`` here
         (:mod:`aenode.evaluate_images`).
+    progress : bool
+        Show a tqdm progress bar of the cases (on stderr) for NIfTI and DICOM cases.
 
     Returns
     -------
@@ -597,12 +609,30 @@ def evaluate_model(
             **evaluate_images(registry.get(model), images, labels, predictions),
             "task": card.task,
         }
+    from tqdm import tqdm
+
     names = list(cases) if cases is not None else None
     with Runtime(registry, settings.runtime) as runtime:
         if card.task == "segmentation":
             pairs = find_cases(images, labels, names)
-            report = evaluate_segmentation(runtime, card, pairs, predictions=predictions)
+            total: int | None = len(pairs)
         else:
             labels_csv = labels / "labels.csv" if labels.is_dir() else labels
-            report = evaluate_classification(runtime, card, images, labels_csv, names)
+            if names is None:
+                names = sorted(read_labels_csv(labels_csv, card))
+            total = len(names)
+        with tqdm(total=total, desc=f"evaluate {model}", unit="case", disable=not progress) as bar:
+
+            def done(case: str) -> None:
+                bar.set_postfix_str(case, refresh=False)
+                bar.update(1)
+
+            if card.task == "segmentation":
+                report = evaluate_segmentation(
+                    runtime, card, pairs, progress=done, predictions=predictions
+                )
+            else:
+                report = evaluate_classification(
+                    runtime, card, images, labels_csv, names, progress=done
+                )
     return {**report, "task": card.task}

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aenode import audit
 from aenode.assemble import reject_series
 from aenode.errors import InputError, PeerError
 from aenode.records import Job, Prediction, SeriesInfo, Volume
@@ -50,10 +51,12 @@ __all__ = [
     "JobOutcome",
     "JobRecord",
     "JobRunner",
+    "STAGE_COLUMNS",
     "claim_job",
     "findings_record",
     "get_job",
     "get_state",
+    "job_counts",
     "job_from_row",
     "move",
     "note",
@@ -64,6 +67,7 @@ __all__ = [
     "retry_job",
     "series_from_json",
     "series_to_json",
+    "stage_seconds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -153,6 +157,8 @@ class JobRecord:
     class_probabilities: dict[str, float] | None = None
     measurements: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    t_volume: float | None = None
+    """When the volume stage ended (the inference started); None before schema 3."""
 
 
 def findings_record(prediction: Prediction, results: ResultSet | None = None) -> dict[str, Any]:
@@ -210,6 +216,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         class_probabilities=findings.get("class_probabilities"),
         measurements=findings.get("measurements", []),
         notes=findings.get("notes", []),
+        t_volume=row["t_volume"] if "t_volume" in row.keys() else None,
     )
 
 
@@ -238,6 +245,46 @@ def get_job(store: Store, job_id: int) -> JobRecord | None:
     """The job with row id ``job_id``, or None."""
     rows = store.execute("SELECT * FROM jobs WHERE id=?", (job_id,))
     return _record(rows[0]) if rows else None
+
+
+STAGE_COLUMNS: dict[str, tuple[str, str]] = {
+    "receive_to_complete": ("t_received", "t_completed"),
+    "complete_to_start": ("t_completed", "t_started"),
+    "volume": ("t_started", "t_volume"),
+    "infer": ("t_volume", "t_inferred"),
+    "write": ("t_inferred", "t_written"),
+    "export": ("t_written", "t_exported"),
+}
+"""Stage -> (start, end) columns of ``jobs`` (``/metrics``' ``aenode_stage_seconds``);
+``end_to_end`` runs from ``t_received`` to ``t_exported`` (``t_written`` without export)."""
+
+
+def job_counts(store: Store) -> dict[tuple[str, JobState], int]:
+    """Jobs per (model, state), since the store was made (for ``/metrics``)."""
+    rows = store.execute("SELECT model, state, COUNT(*) AS n FROM jobs GROUP BY model, state")
+    return {(str(r["model"]), JobState(r["state"])): int(r["n"]) for r in rows}
+
+
+def stage_seconds(store: Store) -> dict[str, list[float]]:
+    """Seconds each job spent in each stage (:data:`STAGE_COLUMNS`) plus ``end_to_end``.
+
+    Returns
+    -------
+    dict of str to list of float
+        Stage -> one value per job that has both ends of that stage.
+    """
+    cols = sorted({c for pair in STAGE_COLUMNS.values() for c in pair})
+    rows = store.execute(f"SELECT state, {', '.join(cols)} FROM jobs")
+    out: dict[str, list[float]] = {name: [] for name in (*STAGE_COLUMNS, "end_to_end")}
+    for row in rows:
+        for name, (start, end) in STAGE_COLUMNS.items():
+            if row[start] and row[end]:
+                out[name].append(max(0.0, row[end] - row[start]))
+        if row["state"] == JobState.DONE and row["t_received"]:
+            last = row["t_exported"] or row["t_written"]
+            if last:
+                out["end_to_end"].append(max(0.0, last - row["t_received"]))
+    return out
 
 
 # -- writes ------------------------------------------------------------------------------
@@ -279,6 +326,17 @@ def record_job(
     )
     if cur.rowcount != 1:
         return None
+    audit.record(
+        conn,
+        audit.AuditEvent.SELECTED,
+        study_uid,
+        series_uid=",".join(s.series_uid for _, s in sorted(inputs.items())),
+        job_id=cur.lastrowid,
+        at=now,
+        rule=rule,
+        model=model,
+        roles={role: s.series_uid for role, s in sorted(inputs.items())},
+    )
     return Job(rule=rule, model=model, study_uid=study_uid, inputs=dict(inputs), id=cur.lastrowid)
 
 
@@ -308,7 +366,7 @@ def move(conn: sqlite3.Connection, job_id: int, new: JobState, **fields: Any) ->
     StoreError
         If there is no such job.
     """
-    row = conn.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+    row = conn.execute("SELECT state, study_uid, model FROM jobs WHERE id=?", (job_id,)).fetchone()
     if row is None:
         raise StoreError(f"no job {job_id}")
     old = JobState(row["state"])
@@ -316,6 +374,16 @@ def move(conn: sqlite3.Connection, job_id: int, new: JobState, **fields: Any) ->
     fields["updated_at"] = time.time()
     cols = "".join(f", {k}=?" for k in fields)
     conn.execute(f"UPDATE jobs SET state=?{cols} WHERE id=?", (new, *fields.values(), job_id))
+    audit.record(
+        conn,
+        audit.AuditEvent.JOB,
+        row["study_uid"],
+        job_id=job_id,
+        at=fields["updated_at"],
+        model=row["model"],
+        reason=fields.get("reason"),
+        **{"from": old.value, "to": JobState(new).value},
+    )
     return old
 
 
@@ -628,7 +696,7 @@ class JobRunner:
         )
         timings["infer"] = time.time() - t1
         prediction.notes[:0] = corrections
-        self._move(job, JobState.INFERRED, t_inferred=time.time())
+        self._move(job, JobState.INFERRED, t_inferred=time.time(), t_volume=t1)
         stage[0] = "results"
         t2 = time.time()
         out_dir = self.results_root / f"job-{job.id:06d}"
@@ -644,6 +712,7 @@ class JobRunner:
                 queued = self.outbox.add(job.id or 0, results.files, conn=conn)
             # Nothing to send (no outbox, no destination, no file): done once written.
             state = JobState.EXPORTING if queued else JobState.DONE
+            audit.record_results(conn, job.id or 0, job.study_uid, results.files)
             move(conn, job.id or 0, state, **written)
         logger.info(
             "job %s: %s (volume %.2fs, infer %.2fs, write %.2fs)",

@@ -9,6 +9,8 @@ each in its own thread, the assembler (series completion), the dispatcher (selec
 complete series -> jobs), the job workers (volume -> inference -> result objects -> outbox)
 and the outbox (C-STORE with retries). If a stage stops for good later, the node refuses
 new C-STOREs (:mod:`aenode.health`) instead of taking in data it would never process.
+Last, unless ``http.port`` is null, the web server (:mod:`aenode.web`: dashboard,
+``/healthz``, ``/metrics``) starts in a thread of its own.
 Stages talk only through the store, so each could later run on another machine.
 """
 
@@ -38,6 +40,7 @@ from aenode.select.studies import (
 )
 from aenode.store import Store
 from aenode.warmup import warm_up
+from aenode.web.server import WebServer
 
 __all__ = ["JOB_WORKERS", "Node"]
 
@@ -65,6 +68,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._store: Store | None = None
         self._runtime: Runtime | None = None
+        self.web: WebServer | None = None
         self.refusal: str | None = None
 
     def start(self) -> None:
@@ -74,12 +78,17 @@ class Node:
         ------
         ReceiverError
             If the port cannot be bound.
+        aenode.web.WebError
+            If ``http.port`` cannot be bound (checked first, before the models load).
         RegistryError
             If a model package is invalid (missing file, checksum, card field).
         aenode.config.ConfigError
             If a selection rule names a model that is not loaded.
         """
         settings = self.settings
+        if settings.http.port is not None:  # a taken port stops start-up at once
+            self.web = WebServer(settings)
+            self.web.bind()
         # Models, rules and devices first: a node that cannot run its models accepts nothing.
         registry = Registry.load(settings.models)
         rules = compile_rules(settings.selection.rules, known_models=registry.names())
@@ -158,6 +167,9 @@ class Node:
         ]
         for thread in self._threads:
             thread.start()
+        if self.web is not None:
+            # The dashboard, /healthz and /metrics, on a store connection of their own.
+            self.web.start(Store(self.db), list(cards.values()), self.receivers.count)
 
     def fail(self, reason: str) -> None:
         """Refuse new C-STOREs from now on, with ``reason`` (a model or stage failed for good).
@@ -196,6 +208,9 @@ class Node:
         """
         self.stop_event.set()
         deadline = time.monotonic() + self.settings.node.stop_timeout_seconds
+        if self.web is not None:
+            web, self.web = self.web, None
+            web.stop(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
         self.receivers.stop(timeout=max(1.0, min(15.0, deadline - time.monotonic())))
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

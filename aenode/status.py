@@ -2,7 +2,8 @@
 
 Read-only: every figure comes from a query function of the table's owner
 (:func:`aenode.assemble.recent_series`, :func:`aenode.jobs.recent_jobs`,
-:meth:`aenode.store.Store.counts`); nothing here runs SQL.
+:meth:`aenode.store.Store.counts`, :func:`aenode.audit.recorded_events`); nothing here
+runs SQL.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aenode.assemble import SERIES_TOPIC, SeriesRecord, recent_series
+from aenode.assemble import (
+    SERIES_TOPIC,
+    SeriesRecord,
+    received_by_association,
+    recent_series,
+)
+from aenode.audit import AuditEvent, AuditRecord, recorded_events
 from aenode.config import Settings
 from aenode.errors import InputError
 from aenode.jobs import JobRecord, recent_jobs
@@ -19,7 +26,7 @@ from aenode.states import QueueState
 from aenode.store import Store
 from aenode.supervise import Quarantined
 
-__all__ = ["StatusReport", "open_store", "status_report"]
+__all__ = ["StatusReport", "open_store", "status_report", "study_trail"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +86,43 @@ def status_report(store: Store, limit: int = 50) -> StatusReport:
         jobs=recent_jobs(store, limit),
         quarantined=quarantined_items(store),
     )
+
+
+def study_trail(store: Store, study_uid: str) -> list[AuditRecord]:
+    """Every event of one study, oldest first: ``received`` (one per delivering association,
+    derived from the ledger) merged with the events the stages recorded (:mod:`aenode.audit`).
+
+    Parameters
+    ----------
+    store : Store
+        The store.
+    study_uid : str
+        The Study Instance UID.
+
+    Returns
+    -------
+    list of AuditRecord
+        Empty if the node never saw the study.
+    """
+    events = [
+        AuditRecord(
+            at=r.first_at,
+            event=AuditEvent.RECEIVED,
+            study_uid=study_uid,
+            series_uid=None,
+            job_id=None,
+            detail={
+                "count": r.count,
+                "series": r.series,
+                "bytes": r.bytes,
+                "calling_ae": r.calling_ae,
+                "peer_host": r.peer_host,
+                "assoc_id": r.assoc_id,
+                "last_at": r.last_at,
+            },
+        )
+        for r in received_by_association(store, study_uid)
+    ]
+    events += recorded_events(store, study_uid)
+    order = list(AuditEvent)
+    return sorted(events, key=lambda e: (e.at, order.index(e.event)))

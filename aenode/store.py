@@ -12,6 +12,8 @@ table                                                          owner
 ``outbox`` (result delivery with retries)                      :mod:`aenode.export.outbox`
 ``select_roles``, ``select_studies`` (study rules)             :mod:`aenode.select.studies`
 ``commitment_reports`` (storage commitment N-EVENT-REPORTs)     :mod:`aenode.export.commitment`
+``audit`` (per-study trail of decisions and outcomes)           :mod:`aenode.audit`
+``refusals`` (C-STOREs answered with a failure status)          :mod:`aenode.receive.refusals`
 =============================================================  ============================
 
 The schema is versioned (``meta.schema``): a store written by an older release is migrated
@@ -40,13 +42,39 @@ __all__ = ["MIGRATIONS", "QueueItem", "SCHEMA_VERSION", "Store", "StoreError"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Version 1: the first release. Version 2: the study-role tables belong to the store
 (they were created by the study tracker) and the outbox is indexed by job. Version 3:
 ``associations.peer_subject`` (the TLS client certificate's subject). Version 4: storage
-commitment (``outbox.commit_*`` and ``commitment_reports``)."""
+commitment (``outbox.commit_*`` and ``commitment_reports``). Version 5: the audit trail
+(``audit``), the refused C-STOREs (``refusals``) and the end of each job's volume stage
+(``jobs.t_volume``)."""
 
-_SCHEMA = """
+_AUDIT_TABLES = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    study_uid TEXT,
+    series_uid TEXT,
+    job_id INTEGER,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_study ON audit (study_uid, at);
+CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id);
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    status INTEGER NOT NULL,
+    calling_ae TEXT,
+    sop_instance_uid TEXT,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS refusals_status ON refusals (status);
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -128,6 +156,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     t_started REAL,
     t_inferred REAL,
     t_written REAL,
+    t_volume REAL,
     t_exported REAL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -180,6 +209,8 @@ CREATE TABLE IF NOT EXISTS commitment_reports (
     received_at REAL NOT NULL
 );
 """
+    + _AUDIT_TABLES
+)
 
 MIGRATIONS: dict[int, str] = {
     # 1 -> 2: a version-1 store may hold the study-role tables (made by the tracker) or not.
@@ -223,6 +254,8 @@ CREATE TABLE IF NOT EXISTS commitment_reports (
     received_at REAL NOT NULL
 );
 """,
+    # 4 -> 5: the audit trail and the refused C-STOREs.
+    4: _AUDIT_TABLES + "ALTER TABLE jobs ADD COLUMN t_volume REAL;",
 }
 """From-version -> statements that bring a store to the next version."""
 

@@ -49,6 +49,7 @@ def _start_node(folder: Path, port: int, orthanc: Orthanc) -> subprocess.Popen[b
             ]
         },
         "logging": {"level": "INFO"},
+        "http": {"port": None},  # no dashboard: a demo may hold the default port
     }
     cfg = folder / "aenode.yaml"
     cfg.write_text(yaml.safe_dump(config))

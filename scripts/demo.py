@@ -54,15 +54,28 @@ def _get(url: str) -> Any:
         return json.loads(resp.read())
 
 
-def _wait(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
+def _wait(what: str, check: Any, timeout: float, status: Any = None) -> Any:
+    """Wait for ``check()`` to be truthy, saying what for; every 5 s, how long and where it
+    stands (``status()``: a short line, e.g. the jobs' states)."""
+    print(f"waiting for {what} (at most {timeout:.0f} s) ...", flush=True)
+    start = time.monotonic()
+    deadline = start + timeout
+    said = start
     while time.monotonic() < deadline:
         try:
             value = check()
-        except (OSError, urllib.error.URLError, ValueError):
+        except (OSError, urllib.error.URLError, ValueError, sqlite3.Error):
             value = None
         if value:
             return value
+        if time.monotonic() - said >= 5.0:
+            said = time.monotonic()
+            try:
+                line = status() if status is not None else ""
+            except (OSError, urllib.error.URLError, ValueError, sqlite3.Error):
+                line = ""
+            extra = f": {line}" if line else ""
+            print(f"  still waiting for {what}, {said - start:.0f} s{extra}", flush=True)
         time.sleep(0.2)
     raise SystemExit(f"demo: {what} did not happen within {timeout:.0f} s")
 
@@ -172,6 +185,7 @@ def demo(study: Path) -> int:
         shutil.rmtree(OUT)
     (OUT / "orthanc").mkdir(parents=True)
     dicom_port, http_port, node_port = _pick(4242), _pick(8042), _pick(11112)
+    web_port = _pick(8180)
     shutil.copy(
         ROOT / "docker" / "orthanc" / "route-stable-study.lua", OUT / "orthanc" / "route.lua"
     )
@@ -199,12 +213,13 @@ def demo(study: Path) -> int:
         )
     }
     PIDS.write_text(json.dumps(pids))
-    _wait("Orthanc start", lambda: _get(f"{base}/system"), 30)
+    _wait("Orthanc to answer on its REST port", lambda: _get(f"{base}/system"), 30)
     node_env = {
         **env,
         "AENODE_NODE__HOST": "127.0.0.1",
         "AENODE_NODE__PORT": str(node_port),
         "AENODE_STORAGE__PATH": str(OUT / "var"),
+        "AENODE_HTTP__PORT": str(web_port),
         "AENODE_EXPORT__DESTINATIONS": json.dumps(
             [{"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": dicom_port}]
         ),
@@ -216,9 +231,10 @@ def demo(study: Path) -> int:
     PIDS.write_text(json.dumps(pids))
     print(f"Orthanc (the PACS): DICOM {ORTHANC_AET}@127.0.0.1:{dicom_port}, HTTP {base}")
     print(f"aenode: {AENODE_AET}@127.0.0.1:{node_port}, log {OUT / 'aenode.log'}")
+    print(f"aenode dashboard: http://127.0.0.1:{web_port}/ (health /healthz, metrics /metrics)")
     echoscu = shutil.which("echoscu", path=DCMTK) or "echoscu"
     _wait(
-        "aenode start",
+        "aenode to load and warm its models and listen",
         lambda: (
             subprocess.run(
                 [echoscu, "-aec", AENODE_AET, "127.0.0.1", str(node_port)], capture_output=True
@@ -252,7 +268,24 @@ def demo(study: Path) -> int:
             return rows
         return None
 
-    jobs = _wait("the results", finished, 300)
+    def where() -> str:
+        if not db.exists():
+            return "nothing received yet (Orthanc waits StableAge before it routes)"
+        with sqlite3.connect(db) as conn:
+            received = conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+            series = dict(conn.execute("SELECT state, COUNT(*) FROM series GROUP BY state"))
+            states = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+        parts = [f"{received} instance(s) received"]
+        parts.append(", ".join(f"{n} series {k}" for k, n in sorted(series.items())))
+        if states:
+            parts.append("jobs " + ", ".join(f"{n} {k}" for k, n in sorted(states.items())))
+        else:
+            parts.append(f"no job yet of {expected}")
+        return "; ".join(p for p in parts if p)
+
+    jobs = _wait(
+        f"{expected} job(s) to finish and their results to reach Orthanc", finished, 300, where
+    )
     elapsed = time.time() - t_sent
     studies = _get(f"{base}/studies")
     print(f"\nresults back in Orthanc {elapsed:.1f} s after the last slice reached Orthanc\n")
@@ -279,6 +312,7 @@ def demo(study: Path) -> int:
     if studies:
         explorer += f"#study?uuid={studies[0]}"
     print(f"\nOrthanc Explorer: {explorer}")
+    print(f"aenode dashboard: http://127.0.0.1:{web_port}/")
     print("Orthanc and aenode keep running; `make demo-stop` stops both.")
     return 0 if all(j["state"] == "done" for j in jobs) else 1
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install Debian's dcmtk, orthanc, dicom3tools, dcm2niix and openssl when a tool is missing and we are root.
+# Install Debian's dcmtk, orthanc, dicom3tools, dcm2niix, openssl and chromium when a tool is
+# missing and we are root. chromium is the headless browser the dashboard test loads pages in.
 # dcm2niix is the independent reference for gantry-tilt correction (tests/test_tilt.py skips
 # that comparison without it).
 set -euo pipefail
@@ -10,6 +11,7 @@ command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v dcm2niix >/dev/null 2>&1 || missing+=(dcm2niix)
 # openssl makes the test certificates of the DICOM TLS tests (tests/tlscerts.py).
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi

@@ -102,6 +102,12 @@ def test_job_committed_only_after_orthancs_report(
         committed = set(json.loads(report["committed"]))
         assert committed == {e["sop_uid"] for e in json.loads(row["files"])}
         assert json.loads(report["failed"]) == {}
+        trail = store.execute(
+            "SELECT detail FROM audit WHERE job_id=? AND event='commitment' ORDER BY id", (job,)
+        )
+        steps = [json.loads(r["detail"]) for r in trail]
+        assert [d["outcome"] for d in steps] == ["requested", "committed"]
+        assert {d["transaction_uid"] for d in steps} == {row["commit_uid"]}
         config = tmp_path / "cli.yaml"
         config.write_text(yaml.safe_dump({"storage": {"path": str(receivers.storage)}}))
         assert cli_main(["--config", str(config), "jobs"]) == 0

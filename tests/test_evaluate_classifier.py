@@ -152,3 +152,15 @@ def test_multi_role_model_needs_role_folders(
         (case / role).symlink_to(data_dir / HIPPO, target_is_directory=True)
     report = evaluate_model(settings, "net", tmp_path / "images2", tmp_path / "labels.csv")
     assert report["n"] == 1 and len(report["cases"][0]["predicted"]) == 1
+
+
+def test_evaluate_shows_a_progress_bar_of_the_cases(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = {"a": "bleed", "b": "no bleed"}
+    settings = _setup(tmp_path, data_dir, _card("classification", _softmax_outputs()), cases)
+    evaluate_model(settings, "net", tmp_path / "images", tmp_path / "labels.csv", progress=True)
+    err = capsys.readouterr().err
+    assert "evaluate net" in err and "2/2" in err and "case" in err
+    evaluate_model(settings, "net", tmp_path / "images", tmp_path / "labels.csv")
+    assert "evaluate net" not in capsys.readouterr().err  # off unless asked (the CLI: a tty)

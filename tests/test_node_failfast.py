@@ -48,6 +48,7 @@ def _settings(tmp_path: Path, **node: Any) -> Settings:
         {
             "node": {"host": "127.0.0.1", "port": free_port(), "receivers": 1, **node},
             "storage": {"path": str(tmp_path / "var"), "min_free_mb": 10},
+            "http": {"port": None},
             "models": {"path": str(ROOT / "models"), "enabled": ["hippocampus"]},
             "series": {"release_grace_seconds": 0.2, "poll_seconds": 0.05},
             "runtime": {"device": "cpu", "threads": 1},

@@ -49,6 +49,9 @@ class NodeProcess:
             "models": {"path": str(ROOT / "models"), "enabled": ["hippocampus"]},
             "series": {"release_grace_seconds": 0.5, "poll_seconds": 0.05},
             "logging": {"level": "DEBUG"},
+            # No web server unless a test asks for one (tests/test_web.py): nodes of
+            # parallel tests would share the default http.port.
+            "http": {"port": None},
         }
         for section, values in (overrides or {}).items():
             config.setdefault(section, {}).update(values)

@@ -70,6 +70,13 @@ def test_a_schema_1_store_upgrades_in_place(tmp_path: Path, with_study_tables: b
     assert [tuple(r) for r in studies] == ([("isles", "waiting")] if with_study_tables else [])
     indexes = {r["name"] for r in store.execute("SELECT name FROM sqlite_master")}
     assert "outbox_job" in indexes
+    assert {"audit", "refusals"} <= {
+        r["name"] for r in store.execute("SELECT name FROM sqlite_master")
+    }
+    # the claim above is in the audit trail; the jobs table took the volume-stage column
+    (event,) = store.execute("SELECT event, job_id FROM audit")
+    assert tuple(event) == ("job", claimed.id)
+    assert "t_volume" in {r["name"] for r in store.execute("PRAGMA table_info(jobs)")}
     store.close()
     again = Store(db)  # a second start finds nothing to do
     assert again.schema_version == SCHEMA_VERSION

@@ -181,6 +181,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--limit", type=int, default=50, help="at most this many jobs")
 
+    p = command("audit", "audit:command_audit", "the audit trail of one study, in order")
+    p.add_argument("study", help="the Study Instance UID")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     p = command(
         "retry",
         "store:command_retry",

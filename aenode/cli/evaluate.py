@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,15 @@ def command_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     apply_process_settings(settings.runtime)
     names = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     predictions = getattr(args, "predictions", None)
-    report = evaluate_model(settings, args.model, args.images, args.labels, names, predictions)
+    report = evaluate_model(
+        settings,
+        args.model,
+        args.images,
+        args.labels,
+        names,
+        predictions,
+        progress=sys.stderr.isatty() and not args.json,
+    )
     if args.json:
         print(json.dumps(finite(report)))
     elif report["task"] == "segmentation":

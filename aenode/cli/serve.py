@@ -24,6 +24,7 @@ from aenode.infer.registry import RegistryError
 from aenode.pipeline import Node
 from aenode.process import apply_process_settings
 from aenode.receive.workers import ReceiverError
+from aenode.web.server import WebError
 
 __all__ = ["command_serve"]
 
@@ -83,7 +84,7 @@ def command_serve(args: argparse.Namespace, settings: Settings) -> int:
         node.stop()
         log.info("stopped during start-up")
         return 0
-    except ReceiverError as exc:
+    except (ReceiverError, WebError) as exc:
         log.error("cannot start: %s", exc)
         node.stop()
         return 1

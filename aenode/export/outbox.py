@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
-from aenode import jobs
+from aenode import audit, jobs
 from aenode.config import DestinationSettings, ExportSettings
 from aenode.errors import InputError
 from aenode.export.commitment import get_report, request_commitment
@@ -37,9 +38,11 @@ from aenode.store import Store
 from aenode.supervise import Failures, Quarantined, describe, is_resource_error, supervise
 
 __all__ = [
+    "DestinationLoad",
     "Outbox",
     "OutboxError",
     "backoff_seconds",
+    "destination_loads",
     "destination_key",
     "export_states",
     "parse_destination",
@@ -375,6 +378,15 @@ class Outbox:
         except (OutboxError, OSError, RuntimeError, ValueError) as exc:
             outcome = SendOutcome(ok=False, error=f"{key}: {exc}")
         sent = set(outcome.sent)
+        audit.record_export(
+            self.store,
+            row["job_id"],
+            key,
+            row["attempts"] + 1,
+            len(sent),
+            len(todo),
+            None if len(sent) >= len(todo) else (outcome.error or "not all sent"),
+        )
         for entry in entries:
             if entry["sop_uid"] in sent:
                 entry["sent"] = True
@@ -450,6 +462,14 @@ class Outbox:
                 row["job_id"],
                 f"stored at {row['destination']}, waiting for its storage commitment report",
             )
+            audit.record_commitment(
+                conn,
+                row["job_id"],
+                row["destination"],
+                "requested",
+                transaction_uid=uid,
+                instances=len(entries),
+            )
         instances = [(_sop_class(e), e["sop_uid"]) for e in entries]
         why = request_commitment(
             destination,
@@ -492,6 +512,9 @@ class Outbox:
                     f"{row['destination']}: no storage commitment report within "
                     f"{self.settings.commitment_timeout_seconds:g} s"
                 )
+                audit.record_commitment(
+                    self.store, row["job_id"], row["destination"], "timed out", reason=why
+                )
                 self._reschedule(row, clock, row["files"], why, ctx)
                 changed += 1
                 continue
@@ -513,6 +536,15 @@ class Outbox:
                 f"{row['destination']}: storage commitment failed for {len(missing)} of "
                 f"{len(entries)} instance(s) ({uid}: {reason}); sending them again"
             )
+            audit.record_commitment(
+                self.store,
+                row["job_id"],
+                row["destination"],
+                "failed",
+                failed=len(missing),
+                instances=len(entries),
+                reason=why,
+            )
             self._reschedule(row, clock, json.dumps(entries), why, ctx)
             changed += 1
         return changed
@@ -520,6 +552,13 @@ class Outbox:
     def _finish_committed(self, row: sqlite3.Row, now: float, ctx: dict[str, Any]) -> None:
         with self.store.transaction() as conn:
             self._move(conn, row["id"], OutboxState.COMMITTED, committed_at=now, last_error=None)
+            audit.record_commitment(
+                conn,
+                row["job_id"],
+                row["destination"],
+                "committed",
+                transaction_uid=row["commit_uid"],
+            )
             self._job_delivered(conn, row["job_id"], now)
         log.info("storage commitment confirmed", extra=ctx)
 
@@ -609,3 +648,58 @@ class Outbox:
 
         # After a store error, the rows this loop had claimed are handed back (recover).
         supervise("outbox", step, stop, idle=idle, on_resume=self.recover)
+
+
+@dataclass(frozen=True)
+class DestinationLoad:
+    """The outbox of one destination (``/metrics``, ``/healthz``, the dashboard).
+
+    Attributes
+    ----------
+    destination : str
+        ``AE@host:port``.
+    states : dict of OutboxState to int
+        Rows per state.
+    retries : int
+        Tries beyond the first, summed over the rows.
+    last_sent_at : float or None
+        When the last row was sent.
+    last_error : str or None
+        The error of the most recent row that has one.
+    """
+
+    destination: str
+    states: dict[OutboxState, int]
+    retries: int
+    last_sent_at: float | None
+    last_error: str | None
+
+    @property
+    def depth(self) -> int:
+        """Rows still to send (pending)."""
+        return self.states.get(OutboxState.PENDING, 0)
+
+
+def destination_loads(store: Store) -> dict[str, DestinationLoad]:
+    """Each destination's outbox: rows per state, retries, last success and error."""
+    rows = store.execute(
+        "SELECT destination, state, COUNT(*) AS n, SUM(MAX(attempts - 1, 0)) AS r,"
+        " MAX(sent_at) AS sent FROM outbox GROUP BY destination, state"
+    )
+    errors = {
+        r["destination"]: r["last_error"]
+        for r in store.execute(
+            "SELECT destination, last_error FROM outbox WHERE last_error IS NOT NULL ORDER BY id"
+        )
+    }
+    acc: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        entry = acc.setdefault(r["destination"], {"states": {}, "retries": 0, "sent": None})
+        entry["states"][OutboxState(r["state"])] = int(r["n"])
+        entry["retries"] += int(r["r"] or 0)
+        if r["sent"] is not None:
+            entry["sent"] = max(entry["sent"] or 0.0, float(r["sent"]))
+    return {
+        key: DestinationLoad(key, e["states"], e["retries"], e["sent"], errors.get(key))
+        for key, e in acc.items()
+    }

@@ -50,6 +50,7 @@ from aenode.receive.guard import (
 )
 from aenode.receive.header import InvalidInstance, header_from_dataset, parse_header
 from aenode.receive.negotiation import describe, storage_contexts
+from aenode.receive.refusals import record_refusal
 from aenode.receive.spool import OutOfSpace, Spool
 from aenode.store import Store
 from aenode.tls import peer_subject, server_context
@@ -338,6 +339,7 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         # Data the node would never process is not accepted (aenode.health).
         ctx["sop_uid"] = str(request.AffectedSOPInstanceUID)
         log.error("C-STORE refused (0xA700): node cannot process: %s", refused, extra=ctx)
+        record_refusal(receiver.store, 0xA700, state.calling_ae, ctx["sop_uid"], refused)
         return failure_status(STATUS_OUT_OF_RESOURCES, f"cannot process: {refused}")
     try:
         stream = cast(BytesIO, request.DataSet).getvalue()
@@ -366,9 +368,11 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     except InvalidInstance as exc:
         ctx.setdefault("sop_uid", str(request.AffectedSOPInstanceUID))
         log.error("C-STORE refused (0x%04X): %s", exc.status, exc, extra=ctx)
+        record_refusal(receiver.store, exc.status, state.calling_ae, ctx["sop_uid"], str(exc))
         return failure_status(exc.status, str(exc))
     except OutOfSpace as exc:
         log.error("C-STORE refused (0xA700): %s", exc, extra=ctx)
+        record_refusal(receiver.store, 0xA700, state.calling_ae, ctx.get("sop_uid"), str(exc))
         return STATUS_OUT_OF_RESOURCES
     except (OSError, sqlite3.Error) as exc:
         log.error("C-STORE failed (0x0110), nothing recorded: %s", exc, extra=ctx)

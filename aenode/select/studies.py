@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import pydicom
 from pydicom import Dataset
 
+from aenode import audit
 from aenode.assemble import note_series
 from aenode.jobs import job_from_row, move, record_job, series_from_json, series_to_json
 from aenode.records import Job, SeriesInfo
@@ -312,6 +313,14 @@ class StudyTracker:
             # failing condition of each rule, as `aenode select` does.
             reason = "not selected: " + ("; ".join(unread) or "no selection rules")
             note_series(self.store, series.series_uid, series.revision, reason[:2000])
+            audit.record(
+                self.store,
+                audit.AuditEvent.NOT_SELECTED,
+                series.study_uid,
+                series_uid=series.series_uid,
+                at=now,
+                reason=reason[:2000],
+            )
             if any("cannot be read" in r for r in unread):
                 log.warning("series %s", reason, extra=extra)
             else:

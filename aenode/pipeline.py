@@ -24,9 +24,10 @@ from aenode.config import Settings
 from aenode.dispatch import Dispatcher
 from aenode.export.outbox import Outbox
 from aenode.health import clear_refusal, refuse
-from aenode.infer.executor import Executor, open_executor, write_executor_file
+from aenode.infer.executor import Executor, write_executor_file
 from aenode.infer.registry import Registry, RegistryError
 from aenode.infer.runtime import resolve_devices
+from aenode.infer.start import open_executor
 from aenode.jobs import JobRunner, requeue_interrupted
 from aenode.receive.spool import recover_spool
 from aenode.receive.workers import ReceiverPool

@@ -2,7 +2,8 @@
 
 :class:`Executor` is the small interface the job runner (:class:`aenode.jobs.JobRunner`)
 and the warm-up call: ``infer(model, volumes) -> Prediction``, ``describe()`` for
-``aenode status`` and the health pages, ``close()``. Two implement it:
+``aenode status`` and the health pages, ``close()``; :func:`aenode.infer.start.open_executor`
+starts the one ``runtime.executor`` names. Two implement it:
 
 - :class:`LocalExecutor` (``runtime.executor: local``, the default) wraps the in-process
   :class:`~aenode.infer.runtime.Runtime`: device threads in the node.
@@ -21,14 +22,10 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from aenode.errors import AenodeError, ConfigError
+from aenode.errors import AenodeError
 from aenode.records import Prediction, Volume
-
-if TYPE_CHECKING:
-    from aenode.config import Settings
-    from aenode.infer.registry import Registry
 
 __all__ = [
     "EXECUTOR_FILE",
@@ -37,7 +34,6 @@ __all__ = [
     "Predictor",
     "WorkerLost",
     "as_executor",
-    "open_executor",
     "read_executor_file",
     "write_executor_file",
 ]
@@ -125,40 +121,6 @@ def as_executor(runtime: Executor | Predictor) -> Executor:
     if isinstance(runtime, Executor):
         return runtime
     return LocalExecutor(runtime)
-
-
-def open_executor(settings: Settings, registry: Registry) -> Executor:
-    """The executor ``runtime.executor`` names, started and ready for :meth:`Executor.infer`.
-
-    Parameters
-    ----------
-    settings : Settings
-        ``runtime`` (executor, device, Ray address and resources) and ``models.path``.
-    registry : Registry
-        The loaded and validated models.
-
-    Returns
-    -------
-    Executor
-
-    Raises
-    ------
-    aenode.errors.ConfigError
-        Naming ``runtime.executor`` when Ray is selected but not installed, or
-        ``runtime.ray.address`` when the cluster cannot be reached or lacks the resources.
-    """
-    if settings.runtime.executor == "local":
-        from aenode.infer.runtime import Runtime
-
-        return LocalExecutor(Runtime(registry, settings.runtime))
-    try:
-        from aenode.infer.ray_executor import RayExecutor
-    except ImportError as exc:
-        raise ConfigError(
-            "runtime.executor: ray selected but Ray is not installed "
-            f"(pip install 'aenode[ray]'): {exc}"
-        ) from None
-    return RayExecutor.start(settings, registry)
 
 
 def write_executor_file(root: Path, description: Mapping[str, Any]) -> None:

@@ -4,19 +4,23 @@ A job that runs again (an actor or node lost mid-job, a restart after the export
 retry``) must not make a second copy of its results at the destination: with the same SOP
 Instance UID the PACS replaces the object (Orthanc with ``OverwriteInstances: true``).
 :class:`ResultUids` derives each result's Series and SOP Instance UID from (job id, study,
-model, model version) and the object's kind, with pydicom's
-:func:`~pydicom.uid.generate_uid` (a ``2.25.`` UUID-derived UID from a SHA-512 of the
-entropy sources), so the same job gives the same UIDs in every run and different jobs,
-models or versions never share one.
+model, model version) and the object's kind: a name-based UUID (RFC 4122 version 5, the
+standard library's :func:`uuid.uuid5`) written as a ``2.25.<decimal>`` UID (PS3.5 B.2), so
+the same job gives the same UIDs in every run and different jobs, models or versions never
+share one.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 
-__all__ = ["ResultUids"]
+__all__ = ["NAMESPACE", "ResultUids"]
+
+NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/aenode/aenode/result-uids")
+"""The UUID namespace of aenode's result UIDs (fixed: changing it changes every UID)."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,8 @@ class ResultUids:
         pydicom.uid.UID
             ``2.25.<decimal>``, at most 64 characters, the same for the same arguments.
         """
-        sources = [str(self.job_id), self.study_uid, self.model, self.version, kind, what]
-        return generate_uid(prefix=None, entropy_srcs=sources)
+        name = "\x1f".join([str(self.job_id), self.study_uid, self.model, self.version, kind, what])
+        return UID(f"2.25.{uuid.uuid5(NAMESPACE, name).int}")
 
     def series(self, kind: str) -> UID:
         """Series Instance UID of the ``kind`` result series."""

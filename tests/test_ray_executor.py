@@ -252,3 +252,27 @@ def test_serve_on_ray_matches_local_and_survives_a_killed_actor(
     finally:
         node.stop()
         orthanc.stop()
+
+
+def test_more_gpus_than_the_cluster_has_names_the_resource(ray_address: str) -> None:
+    from aenode.config import ModelsSettings, Settings
+    from aenode.errors import ConfigError
+    from aenode.infer.registry import Registry
+    from aenode.infer.start import open_executor
+
+    registry = Registry.load(ModelsSettings(path=ROOT / "models", enabled=["hippocampus"]))
+    settings = Settings.model_validate(
+        {
+            "runtime": {
+                "executor": "ray",
+                "ray": {"address": ray_address, "resources": {"hippocampus": {"num_gpus": 2}}},
+            }
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"runtime\.ray\.resources\.hippocampus\.num_gpus: an actor asks for 2 but the Ray "
+        r"cluster at .* has 1 in all",
+    ):
+        open_executor(settings, registry)
+    assert ray.is_initialized()  # the test's Ray is left as it was

@@ -249,6 +249,12 @@ def test_serve_on_ray_matches_local_and_survives_a_killed_actor(
             {f"{name} volume": v for name, v in volumes.items()}, rel=1e-6
         )
         assert min(volumes.values()) > 100  # a real segmentation, not two empty ones
+
+        # A graceful stop takes the node's actors with it.
+        assert node.stop() == 0
+        for name in (actors["hippocampus"]["name"], restarted["name"]):
+            with pytest.raises(ValueError):
+                ray.get_actor(name, namespace=NAMESPACE)
     finally:
         node.stop()
         orthanc.stop()

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -159,6 +160,10 @@ def connect(settings: Settings) -> bool:
     }
     if address is None:
         options["include_dashboard"] = False
+    # Ray's core worker installs its own SIGTERM/SIGINT handler (a crash dump, then abort);
+    # the node's handlers (a graceful stop within node.stop_timeout_seconds) are put back.
+    main = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
@@ -166,6 +171,10 @@ def connect(settings: Settings) -> bool:
         raise ConfigError(
             f"runtime.ray.address: cannot connect to Ray at {where}: {type(exc).__name__}: {exc}"
         ) from None
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     return True
 
 

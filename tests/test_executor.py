@@ -106,19 +106,21 @@ def test_an_unreachable_cluster_names_runtime_ray_address() -> None:
 
 
 def test_result_uids_are_the_same_for_a_rerun_and_differ_otherwise() -> None:
-    uids = ResultUids(7, "1.2.3", "hippocampus", "1.0.0")
-    again = ResultUids(7, "1.2.3", "hippocampus", "1.0.0")
+    base = (7, "1.2.3", ("image=1.2.3.4:0",), "hippocampus", "1.0.0")
+    uids, again = ResultUids(*base), ResultUids(*base)
     assert uids.sop("SEG") == again.sop("SEG") and uids.series("SR") == again.series("SR")
     assert uids.sop("SEG").is_valid and len(uids.sop("SEG")) <= 64
     others = {
-        ResultUids(8, "1.2.3", "hippocampus", "1.0.0").sop("SEG"),
-        ResultUids(7, "1.2.4", "hippocampus", "1.0.0").sop("SEG"),
-        ResultUids(7, "1.2.3", "brain-tumour", "1.0.0").sop("SEG"),
-        ResultUids(7, "1.2.3", "hippocampus", "1.0.1").sop("SEG"),
+        ResultUids(8, *base[1:]).sop("SEG"),
+        ResultUids(7, "1.2.4", *base[2:]).sop("SEG"),
+        ResultUids(7, "1.2.3", ("image=1.2.3.5:0",), *base[3:]).sop("SEG"),  # another series
+        ResultUids(7, "1.2.3", ("image=1.2.3.4:1",), *base[3:]).sop("SEG"),  # its revision
+        ResultUids(*base[:3], "brain-tumour", "1.0.0").sop("SEG"),
+        ResultUids(*base[:4], "1.0.1").sop("SEG"),
         uids.sop("SR"),
         uids.series("SEG"),
     }
-    assert uids.sop("SEG") not in others and len(others) == 6
+    assert uids.sop("SEG") not in others and len(others) == 8
 
 
 def test_local_executor_wraps_the_runtime_and_status_shows_it(
@@ -221,7 +223,7 @@ def test_a_lost_worker_queues_the_job_again_and_the_rerun_keeps_the_uids(
     assert record is not None and record.state is JobState.DONE, record
     assert executor.calls == 2  # lost, queued again, run again
     card = ModelCard.model_validate(CARD)
-    uids = ResultUids(job.id, series.study_uid, card.name, card.version)
+    uids = ResultUids.for_job(job, card.name, card.version)
     folder = Path(record.result_dir or "")
     for kind, name in (("SEG", "seg.dcm"), ("report", "report.dcm"), ("SR", "sr.dcm")):
         ds = pydicom.dcmread(folder / name, stop_before_pixels=True)

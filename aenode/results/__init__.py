@@ -103,7 +103,8 @@ def write_results(
     ----------
     job : aenode.records.Job
         The job: logging context, and with the card the deterministic result UIDs
-        (:class:`ResultUids`), so a rerun of the job replaces its objects at the PACS.
+        (:class:`ResultUids`) when it has an ``id``, so a rerun of the job replaces its
+        objects at the PACS; without an ``id`` the UIDs are new each time.
     volumes : Mapping[str, Volume]
         Input role to volume; ``prediction.reference_role`` names the one results follow.
     prediction : aenode.records.Prediction
@@ -138,8 +139,9 @@ def write_results(
         "job": job.id,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A rerun of the job (worker lost, restart, retry) writes the same SOP Instance UIDs.
-    uids = ResultUids(job.id or 0, job.study_uid, card.name, card.version)
+    # A rerun of a recorded job (worker lost, restart, retry) writes the same SOP Instance
+    # UIDs; a job outside the store (no id) gets new ones each time.
+    uids = ResultUids.for_job(job, card.name, card.version) if job.id is not None else None
     result = ResultSet(volumes_mm3=label_volumes_mm3(prediction, card))
     result.notes.extend(prediction.notes)
 

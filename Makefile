@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned: the pin takes the local CPU build; an unpinned torch pulls CUDA.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	# [ray]: the Ray executor and its tests (tests/test_ray_executor.py) run in CI too.
+	$(PY) -m pip install -q -e ".[dev,ray]"
 	@touch $(STAMP)
 
 ## demo: Orthanc as the PACS, aenode with config.yaml, a real study sent, the results shown.

@@ -39,6 +39,8 @@ __all__ = [
     "ModelsSettings",
     "NodeSettings",
     "PeerSettings",
+    "RaySettings",
+    "ResourceSettings",
     "ResultsSettings",
     "RetrySettings",
     "RuntimeSettings",
@@ -224,8 +226,65 @@ class ModelsSettings(_Section):
     enabled: list[str] | None = Field(default=None, description="null loads every package")
 
 
+class ResourceSettings(_Section):
+    """What one actor of a model asks of the Ray cluster (overrides the card's ``resources``)."""
+
+    num_gpus: float | None = Field(
+        default=None, ge=0, description="GPUs per actor, fractional allowed; null keeps the card's"
+    )
+    num_cpus: float | None = Field(
+        default=None, ge=0, description="CPUs per actor; null keeps the card's"
+    )
+
+
+class RaySettings(_Section):
+    """The Ray cluster that runs inference when ``runtime.executor`` is ``ray``."""
+
+    address: str | None = Field(
+        default=None,
+        description='"auto" (a cluster started with ray start on this machine), "HOST:PORT" '
+        "(the head's GCS port), or null (start a local Ray inside the node: tests, dev)",
+    )
+    namespace: str = Field(
+        default="aenode", min_length=1, description="Ray namespace of the node's named actors"
+    )
+    connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="start-up fails naming runtime.ray.address after this"
+    )
+    actors_per_model: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="actors (warm copies) per model; null: one per whole GPU in the cluster "
+        "for a model that asks for GPUs, else one",
+    )
+    max_in_flight_per_actor: int = Field(
+        default=2, ge=1, le=64, description="jobs handed to one actor at a time (it batches them)"
+    )
+    resources: dict[str, ResourceSettings] = Field(
+        default_factory=dict, description="model name -> num_gpus/num_cpus per actor"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f'must be "auto", "HOST:PORT" or null, got {value!r}')
+        return value
+
+
 class RuntimeSettings(_Section):
     """Inference workers."""
+
+    executor: Literal["local", "ray"] = Field(
+        default="local",
+        description="local: device threads in the node; ray: warm actors on a Ray cluster "
+        "(pip install aenode[ray])",
+    )
+    ray: RaySettings = Field(default_factory=RaySettings)
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from aenode import audit
 from aenode.assemble import reject_series
 from aenode.errors import InputError, PeerError
+from aenode.infer.executor import Executor, Predictor, WorkerLost, as_executor
 from aenode.records import Job, Prediction, SeriesInfo, Volume
 from aenode.states import IllegalTransition, JobState, transition
 from aenode.store import Store, StoreError
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from aenode.config import Settings
     from aenode.export.outbox import Outbox
     from aenode.infer.registry import Registry
-    from aenode.infer.runtime import Runtime
     from aenode.results import ResultSet
 
 __all__ = [
@@ -527,8 +527,9 @@ class JobRunner:
         Where job states and times are written.
     registry : Registry
         Loaded model packages (cards).
-    runtime : Runtime
-        Warm inference workers.
+    runtime : Executor or Runtime
+        Where models run (:mod:`aenode.infer.executor`); a bare
+        :class:`~aenode.infer.runtime.Runtime` is wrapped in a ``LocalExecutor``.
     outbox : Outbox or None
         Where result files are queued for export; None writes files only.
     results_root : pathlib.Path or None
@@ -540,14 +541,14 @@ class JobRunner:
         settings: Settings,
         store: Store,
         registry: Registry,
-        runtime: Runtime,
+        runtime: Executor | Predictor,
         outbox: Outbox | None = None,
         results_root: Path | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry
-        self.runtime = runtime
+        self.executor = as_executor(runtime)
         self.outbox = outbox
         self.results_root = results_root or Path(settings.storage.path) / "results"
         self._stranded: set[int] = set()
@@ -588,6 +589,12 @@ class JobRunner:
         except (InputError, PeerError) as exc:
             reason = f"{stage[0]}: {exc}"
             logger.error("job failed: %s", reason, extra=ctx)
+        except WorkerLost as exc:  # the executor's worker died: the job runs again
+            if failures is None:
+                reason = f"{stage[0]}: {exc}"
+                logger.error("job failed: %s", reason, extra=ctx)
+            else:
+                return self._worker_lost(job, exc, failures, ctx)
         except Exception as exc:
             if failures is not None and is_resource_error(exc):
                 return self._postpone(job, f"{stage[0]}: {describe(exc)}", ctx)
@@ -610,6 +617,19 @@ class JobRunner:
             return outcome
         self._record_failure(job, JobState.FAILED, reason, ctx)
         return JobOutcome(job, JobState.FAILED, reason)
+
+    def _worker_lost(
+        self, job: Job, exc: WorkerLost, failures: Failures, ctx: dict[str, Any]
+    ) -> JobOutcome:
+        """Queue the job again (a try: a model that kills its worker each time ends quarantined)."""
+        tries = failures.failed(job.id, exc, logger, f"job {job.id} in inference", ctx)
+        reason = f"try {tries} of {failures.limit}: {exc}"
+        state = JobState.QUEUED
+        if failures.exhausted(tries):
+            failures.clear(job.id)
+            state, reason = JobState.QUARANTINED, f"quarantined after {tries} tries: {exc}"
+        self._record_failure(job, state, reason, ctx)
+        return JobOutcome(job, state, reason)
 
     def _record_failure(self, job: Job, state: JobState, reason: str, ctx: dict[str, Any]) -> None:
         try:
@@ -691,7 +711,7 @@ class JobRunner:
         timings["volume"] = time.time() - t0
         stage[0] = "inference"
         t1 = time.time()
-        prediction = self.runtime.predict(
+        prediction = self.executor.infer(
             job.model, volumes, fractional=self.settings.results.fractional
         )
         timings["infer"] = time.time() - t1

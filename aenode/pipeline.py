@@ -26,8 +26,10 @@ from aenode.config import Settings
 from aenode.dispatch import Dispatcher
 from aenode.export.outbox import Outbox
 from aenode.health import clear_refusal, refuse
+from aenode.infer.executor import Executor, write_executor_file
 from aenode.infer.registry import Registry, RegistryError
-from aenode.infer.runtime import Runtime, resolve_devices
+from aenode.infer.runtime import resolve_devices
+from aenode.infer.start import open_executor
 from aenode.jobs import JobRunner, requeue_interrupted
 from aenode.receive.spool import recover_spool
 from aenode.receive.workers import ReceiverPool
@@ -67,7 +69,7 @@ class Node:
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self._store: Store | None = None
-        self._runtime: Runtime | None = None
+        self._runtime: Executor | None = None
         self.web: WebServer | None = None
         self.refusal: str | None = None
 
@@ -94,7 +96,8 @@ class Node:
         rules = compile_rules(settings.selection.rules, known_models=registry.names())
         cards = {name: registry.card(name) for name in registry.names()}
         check_rule_roles(settings.selection.rules, cards)
-        resolve_devices(settings.runtime.device)  # ConfigError naming runtime.device
+        if settings.runtime.executor == "local":  # Ray's actors check their own devices
+            resolve_devices(settings.runtime.device)  # ConfigError naming runtime.device
         log.info("models loaded: %s; %d selection rule(s)", registry.names(), len(rules))
         self.root.mkdir(parents=True, exist_ok=True)
         clear_refusal(self.root)
@@ -123,7 +126,10 @@ class Node:
             )
         # Every model loaded on its device and warm (one synthetic job each) before the
         # node listens: a model that cannot run stops start-up instead of taking in studies.
-        self._runtime = runtime = Runtime(registry, settings.runtime)
+        # runtime.executor: local (device threads here) or ray (warm actors on a cluster);
+        # a ConfigError names runtime.executor or runtime.ray.address.
+        self._runtime = runtime = open_executor(settings, registry)
+        write_executor_file(self.root, runtime.describe())
         failures: dict[str, str] = {}
         warm_up(registry, runtime, settings.results, failures)
         fatal = {
@@ -199,6 +205,11 @@ class Node:
         while not self.stop_event.wait(interval):
             self.receivers.check()
             self.check_health()
+            if self._runtime is not None:  # actors restarted, jobs in flight: aenode status
+                try:
+                    write_executor_file(self.root, self._runtime.describe())
+                except OSError as exc:  # a full disk: the store's owners report it
+                    log.debug("executor.json not written: %s", exc)
 
     def stop(self) -> None:
         """Stop receiving (letting running associations finish), then the workers.

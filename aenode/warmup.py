@@ -24,8 +24,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from aenode.config import ResultsSettings
+from aenode.infer.executor import Executor, Predictor, WorkerLost, as_executor
 from aenode.infer.registry import Registry
-from aenode.infer.runtime import InferenceError, Runtime
+from aenode.infer.runtime import InferenceError
 from aenode.records import Job
 from aenode.results import ResultError, write_results
 from aenode.volume import VolumeError, build_volume_from_files
@@ -85,7 +86,7 @@ def synthetic_series(folder: Path, slices: int = 8, size: int = 24) -> list[Path
 
 def warm_up(
     registry: Registry,
-    runtime: Runtime,
+    runtime: Executor | Predictor,
     settings: ResultsSettings,
     failures: dict[str, str] | None = None,
 ) -> dict[str, float]:
@@ -95,8 +96,8 @@ def warm_up(
     ----------
     registry : Registry
         The loaded models.
-    runtime : Runtime
-        The device workers to warm.
+    runtime : Executor or Runtime
+        Where the models run (a bare Runtime is wrapped in a ``LocalExecutor``).
     settings : ResultsSettings
         The result objects to build (written to a temporary folder, then deleted).
     failures : dict or None
@@ -109,6 +110,7 @@ def warm_up(
         Seconds per model for the warm-up job (models whose warm-up failed are absent).
     """
     seconds: dict[str, float] = {}
+    executor = as_executor(runtime)
     with tempfile.TemporaryDirectory(prefix="aenode-warmup-") as tmp:
         try:
             volume = build_volume_from_files(synthetic_series(Path(tmp) / "in"))
@@ -128,9 +130,9 @@ def warm_up(
             job = Job(rule="warm-up", model=name, study_uid="", inputs={}, id=0)
             t0 = time.perf_counter()
             try:
-                prediction = runtime.predict(name, volumes)
+                prediction = executor.infer(name, volumes)
                 write_results(job, volumes, prediction, card, settings, Path(tmp) / name)
-            except (InferenceError, ResultError, ValueError, OSError) as exc:
+            except (InferenceError, WorkerLost, ResultError, ValueError, OSError) as exc:
                 log.warning("warm-up of model %s failed: %s", name, exc, extra={"model": name})
                 if failures is not None:
                     failures[name] = str(exc)

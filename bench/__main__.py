@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench [ingest volume infer export e2e]``."""
+"""Run the benchmarks: ``python -m bench [ingest volume infer executor export e2e]``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 import sys
 import time
 
-ALL = ("ingest", "volume", "infer", "export", "e2e")
+ALL = ("ingest", "volume", "infer", "executor", "export", "e2e")
 
 
 def main(argv: list[str]) -> int:

@@ -168,6 +168,8 @@ def test_metrics_count_exactly_the_instances_sent(web: WebNode) -> None:
     (free,) = families["aenode_disk_free_bytes"].samples
     assert free.value > 10e6
     assert families["aenode_instances_refused"].samples == []
+    (info,) = families["aenode_executor_info"].samples
+    assert info.labels == {"executor": "local"} and info.value == 1
 
 
 def test_refused_instances_are_counted_by_status(
@@ -202,6 +204,8 @@ def test_healthz_ok_then_503_on_a_read_only_store_folder(web: WebNode) -> None:
         "expected": 2,
     }
     assert health["store"]["writable"] is True
+    assert health["executor"]["executor"] == "local"
+    assert health["executor"]["workers"][0]["models"] == ["hippocampus"]
     assert health["models"]["loaded"] == ["hippocampus"]
     (dest,) = health["destinations"]
     assert dest["last_success_at"] and dest["last_failure_at"] is None and dest["pending"] == 0

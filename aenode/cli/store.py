@@ -13,6 +13,7 @@ from aenode.config import Settings
 from aenode.errors import InputError
 from aenode.export.outbox import Outbox, export_states
 from aenode.health import read_refusal
+from aenode.infer.executor import read_executor_file
 from aenode.jobs import JobRecord, recent_jobs, retry_job
 from aenode.quarantine import release_quarantined
 from aenode.status import open_store, status_report
@@ -45,6 +46,27 @@ def _print_quarantined(items: list[dict[str, Any]]) -> None:
         print(f"  {q['kind']:8}  {q['key']}: {q['reason'] or '-'}")
 
 
+def _print_executor(executor: dict[str, Any] | None) -> None:
+    """The executor the node last wrote (``executor.json``): its workers or actors."""
+    if not executor:
+        return
+    kind = executor.get("executor", "?")
+    if kind == "ray":
+        actors = executor.get("actors", [])
+        print(f"executor: ray at {executor.get('address')}, {len(actors)} actor(s)")
+        for a in actors:
+            print(
+                f"  {a.get('name')}: {a.get('state')} on {a.get('node_ip') or '-'}, devices "
+                f"{','.join(a.get('devices') or []) or '-'}, GPU ids "
+                f"{','.join(a.get('gpu_ids') or []) or '-'}, in flight "
+                f"{a.get('in_flight')}/{a.get('max_in_flight')}, restarts {a.get('restarts')}"
+            )
+        return
+    workers = executor.get("workers", [])
+    devices = ", ".join(str(w.get("device")) for w in workers) or "-"
+    print(f"executor: {kind}, devices {devices}")
+
+
 def command_status(args: argparse.Namespace, settings: Settings) -> int:
     """``aenode status [--json] [--limit N]``: recent series (with why one was rejected) and jobs.
 
@@ -65,6 +87,7 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
     series = [{**asdict(s), "state": s.state.value} for s in report.series]
     jobs = [_job_dict(j) for j in report.jobs]
     refusing = read_refusal(Path(settings.storage.path))
+    executor = read_executor_file(Path(settings.storage.path))
     quarantined = [asdict(q) for q in report.quarantined]
     if args.json:
         handover = {state.value: n for state, n in report.handover.items()}
@@ -72,6 +95,7 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
             json.dumps(
                 {
                     "refusing": refusing,
+                    "executor": executor,
                     "series": series,
                     "handover": handover,
                     "jobs": jobs,
@@ -83,6 +107,7 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if refusing:
         print(f"node refusing new C-STOREs (0xA700): {refusing}")
+    _print_executor(executor)
     _print_quarantined(quarantined)
     if not series and not jobs:
         print("no series received yet")

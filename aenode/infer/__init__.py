@@ -14,6 +14,7 @@ from aenode.infer.cards import (
     ModelCard,
     OutputSpec,
     PreprocessSpec,
+    ResourceSpec,
     RoleSpec,
     RuntimeSpec,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "ModelCard",
     "OutputSpec",
     "PreprocessSpec",
+    "ResourceSpec",
     "RoleSpec",
     "RuntimeSpec",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "ModelCard",
     "OutputSpec",
     "PreprocessSpec",
+    "ResourceSpec",
     "RoleSpec",
     "RuntimeSpec",
 ]
@@ -314,6 +315,18 @@ class RuntimeSpec(_Card):
         return None if self.entry_point is None else self.entry_point.split(":")[1]
 
 
+class ResourceSpec(_Card):
+    """What one warm copy of the model asks of a Ray cluster (``runtime.executor: ray``).
+
+    ``runtime.ray.resources.<model>`` in the node's configuration overrides either field.
+    """
+
+    num_gpus: float = Field(
+        default=0.0, ge=0, description="GPUs per actor; fractional shares one GPU (0.25)"
+    )
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs per actor")
+
+
 class ModelCard(_Card):
     """A model package's card."""
 
@@ -329,6 +342,7 @@ class ModelCard(_Card):
     inputs: InputSpec
     outputs: OutputSpec
     runtime: RuntimeSpec
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 

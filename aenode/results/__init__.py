@@ -24,10 +24,12 @@ from aenode.results.report import build_report, render_page
 from aenode.results.seg import build_seg
 from aenode.results.source import ResultError, voxel_volume_mm3
 from aenode.results.sr import build_sr
+from aenode.results.uids import ResultUids
 
 __all__ = [
     "ResultError",
     "ResultSet",
+    "ResultUids",
     "build_report",
     "build_seg",
     "build_sr",
@@ -100,7 +102,9 @@ def write_results(
     Parameters
     ----------
     job : aenode.records.Job
-        The job (for logging context).
+        The job: logging context, and with the card the deterministic result UIDs
+        (:class:`ResultUids`) when it has an ``id``, so a rerun of the job replaces its
+        objects at the PACS; without an ``id`` the UIDs are new each time.
     volumes : Mapping[str, Volume]
         Input role to volume; ``prediction.reference_role`` names the one results follow.
     prediction : aenode.records.Prediction
@@ -135,6 +139,9 @@ def write_results(
         "job": job.id,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A rerun of a recorded job (worker lost, restart, retry) writes the same SOP Instance
+    # UIDs; a job outside the store (no id) gets new ones each time.
+    uids = ResultUids.for_job(job, card.name, card.version) if job.id is not None else None
     result = ResultSet(volumes_mm3=label_volumes_mm3(prediction, card))
     result.notes.extend(prediction.notes)
 
@@ -144,7 +151,7 @@ def write_results(
         if empty and settings.skip_empty_seg:
             result.notes.append("SEG skipped: the segmentation is empty (results.skip_empty_seg)")
         else:
-            seg = build_seg(volume, prediction, card, settings)
+            seg = build_seg(volume, prediction, card, settings, uids)
             result.files.append(_save(seg, out_dir / "seg.dcm"))
             if empty:
                 result.notes.append("SEG written with empty segments: nothing was segmented")
@@ -156,7 +163,9 @@ def write_results(
         png = out_dir / "report.png"
         Image.fromarray(page, "RGB").save(png)
         result.report_png = png
-        sc = build_report(volume, prediction, card, settings, result.volumes_mm3, page=page)
+        sc = build_report(
+            volume, prediction, card, settings, result.volumes_mm3, page=page, uids=uids
+        )
         result.files.append(_save(sc, out_dir / "report.dcm"))
 
     has_content = (
@@ -166,7 +175,7 @@ def write_results(
         or prediction.findings
     )
     if settings.sr and has_content:
-        sr = build_sr(volume, prediction, card, settings, result.volumes_mm3, seg=seg)
+        sr = build_sr(volume, prediction, card, settings, result.volumes_mm3, seg=seg, uids=uids)
         result.files.append(_save(sr, out_dir / "sr.dcm"))
     elif settings.sr:
         result.notes.append("SR not written: no volumes, class probabilities or measurements")

@@ -33,6 +33,7 @@ from aenode.results.source import (
     series_description,
     software_versions,
 )
+from aenode.results.uids import ResultUids
 from aenode.version import __version__
 
 __all__ = [
@@ -443,6 +444,7 @@ def build_report(
     volumes_mm3: Mapping[str, float],
     *,
     page: np.ndarray | None = None,
+    uids: ResultUids | None = None,
 ) -> hd.sc.SCImage:
     """Build the secondary-capture report of one prediction.
 
@@ -454,6 +456,8 @@ def build_report(
         ``series_number_base`` (+2), ``series_description``, ``manufacturer``.
     page : numpy.ndarray or None
         An already rendered page; rendered here when None.
+    uids : ResultUids or None
+        The job's deterministic UIDs (:mod:`aenode.results.uids`); None makes random ones.
 
     Returns
     -------
@@ -469,9 +473,9 @@ def build_report(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uids.series("report") if uids else hd.UID(),
         series_number=settings.series_number_base + REPORT_SERIES_OFFSET,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uids.sop("report") if uids else hd.UID(),
         instance_number=1,
         manufacturer=settings.manufacturer,
         patient_orientation=_orientation(volume),

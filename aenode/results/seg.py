@@ -19,6 +19,7 @@ from aenode.results.source import (
     series_description,
     software_versions,
 )
+from aenode.results.uids import ResultUids
 
 __all__ = ["SEG_SERIES_OFFSET", "build_seg", "segment_descriptions"]
 
@@ -90,6 +91,7 @@ def build_seg(
     prediction: Prediction,
     card: ModelCard,
     settings: ResultsSettings,
+    uids: ResultUids | None = None,
 ) -> hd.seg.Segmentation:
     """Build the SEG of one prediction in the geometry of its source series.
 
@@ -104,6 +106,8 @@ def build_seg(
         Model identity and the coded labels.
     settings : aenode.config.ResultsSettings
         ``fractional``, ``series_number_base`` (+1), ``series_description``, ``manufacturer``.
+    uids : ResultUids or None
+        The job's deterministic UIDs (:mod:`aenode.results.uids`); None makes random ones.
 
     Returns
     -------
@@ -134,9 +138,9 @@ def build_seg(
         pixel_array=pixels,
         segmentation_type=seg_type,
         segment_descriptions=segment_descriptions(card),
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uids.series("SEG") if uids else hd.UID(),
         series_number=settings.series_number_base + SEG_SERIES_OFFSET,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uids.sop("SEG") if uids else hd.UID(),
         instance_number=1,
         manufacturer=settings.manufacturer,
         manufacturer_model_name=card.name[:64],

@@ -37,6 +37,7 @@ from aenode.results.source import (
     series_description,
     software_versions,
 )
+from aenode.results.uids import ResultUids
 
 __all__ = ["SR_SERIES_OFFSET", "build_sr", "measurement_concept"]
 
@@ -250,6 +251,7 @@ def build_sr(
     settings: ResultsSettings,
     volumes_mm3: Mapping[str, float],
     seg: Dataset | None = None,
+    uids: ResultUids | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report of one prediction.
 
@@ -269,6 +271,8 @@ def build_sr(
         Volume per label name, reported in UCUM ``mm3``.
     seg : pydicom.Dataset or None
         The SEG of the same prediction; each volume group then references its segment.
+    uids : ResultUids or None
+        The job's deterministic UIDs (:mod:`aenode.results.uids`); None makes random ones.
 
     Returns
     -------
@@ -313,9 +317,9 @@ def build_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uids.series("SR") if uids else hd.UID(),
         series_number=settings.series_number_base + SR_SERIES_OFFSET,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uids.sop("SR") if uids else hd.UID(),
         instance_number=1,
         manufacturer=settings.manufacturer,
         is_complete=True,

@@ -22,6 +22,7 @@ from aenode.audit import export_outcomes
 from aenode.config import Settings
 from aenode.export.outbox import destination_key, destination_loads
 from aenode.health import read_refusal
+from aenode.infer.executor import read_executor_file
 from aenode.store import Store
 
 __all__ = ["Health", "check_health", "free_disk_mb", "listening_sockets"]
@@ -157,6 +158,9 @@ def check_health(
         failing.append("models: none loaded")
     if refusal is not None:
         failing.append(f"models: the node refuses C-STOREs: {refusal}")
+
+    # the executor and its workers (Ray actors with their devices), as the node last wrote
+    checks["executor"] = read_executor_file(root) or {"executor": settings.runtime.executor}
 
     loads = destination_loads(store)
     outcomes = export_outcomes(store)

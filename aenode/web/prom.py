@@ -29,6 +29,7 @@ from aenode.assemble import completion_counts, received_totals
 from aenode.audit import job_state_counts
 from aenode.config import Settings
 from aenode.export.outbox import destination_loads
+from aenode.infer.executor import read_executor_file
 from aenode.jobs import job_counts, stage_seconds
 from aenode.receive.refusals import refusal_counts
 from aenode.store import Store
@@ -145,6 +146,7 @@ class StoreCollector(Collector):
             "The floor (storage.min_free_mb) below which C-STOREs are refused.",
             value=self.settings.storage.min_free_mb * 1e6,
         )
+        yield from _executor_metrics(root)
         gpu = _gpu_memory()
         if gpu:
             family = GaugeMetricFamily(
@@ -155,6 +157,39 @@ class StoreCollector(Collector):
             for device, used in gpu.items():
                 family.add_metric([device], used)
             yield family
+
+
+def _executor_metrics(root: Path) -> Iterator[Metric]:
+    """The executor and its workers, from what the node writes every second (executor.json)."""
+    described = read_executor_file(root)
+    if described is None:
+        return
+    kind = str(described.get("executor", "local"))
+    info = GaugeMetricFamily(
+        "aenode_executor_info", "The inference executor in use (1).", labels=["executor"]
+    )
+    info.add_metric([kind], 1.0)
+    yield info
+    actors = described.get("actors")
+    if not isinstance(actors, list):
+        return
+    in_flight = GaugeMetricFamily(
+        "aenode_executor_jobs_in_flight",
+        "Jobs in flight per Ray actor.",
+        labels=["actor", "model", "devices"],
+    )
+    restarts = CounterMetricFamily(
+        "aenode_executor_actor_restarts",
+        "Times a Ray actor was replaced after it was lost.",
+        labels=["actor", "model"],
+    )
+    for actor in actors:
+        name, model = str(actor.get("name")), str(actor.get("model"))
+        devices = ",".join(str(d) for d in actor.get("devices", [])) or "-"
+        in_flight.add_metric([name, model, devices], float(actor.get("in_flight", 0)))
+        restarts.add_metric([name, model], float(actor.get("restarts", 0)))
+    yield in_flight
+    yield restarts
 
 
 def _gpu_memory() -> dict[str, float]:

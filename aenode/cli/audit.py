@@ -7,9 +7,9 @@ import json
 import sys
 import time
 
+from aenode.cli.store import with_store
 from aenode.config import Settings
-from aenode.errors import InputError
-from aenode.status import open_store, study_trail
+from aenode.status import study_trail
 
 __all__ = ["command_audit"]
 
@@ -22,15 +22,9 @@ def command_audit(args: argparse.Namespace, settings: Settings) -> int:
     int
         0; 1 if there is no store, or the node never saw the study.
     """
-    try:
-        store = open_store(settings)
-    except InputError as exc:
-        print(f"aenode: {exc}")
+    events = with_store(settings, lambda store: study_trail(store, args.study))
+    if events is None:
         return 1
-    try:
-        events = study_trail(store, args.study)
-    finally:
-        store.close()
     if args.json:
         print(json.dumps([e.to_json() for e in events], indent=2))
     else:
@@ -38,6 +32,9 @@ def command_audit(args: argparse.Namespace, settings: Settings) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
             print(f"{when}.{int(e.at * 1000) % 1000:03d}  {e.event.value:16}  {e.describe()}")
     if not events:
-        print(f"aenode: no event for study {args.study} in {store.path}", file=sys.stderr)
+        print(
+            f"aenode: no event for study {args.study} in {settings.storage.path}",
+            file=sys.stderr,
+        )
         return 1
     return 0

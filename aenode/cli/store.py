@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aenode.config import Settings
 from aenode.errors import InputError
@@ -17,8 +18,31 @@ from aenode.infer.executor import read_executor_file
 from aenode.jobs import JobRecord, recent_jobs, retry_job
 from aenode.quarantine import release_quarantined
 from aenode.status import open_store, status_report
+from aenode.store import Store
 
-__all__ = ["command_jobs", "command_retry", "command_status", "findings_text"]
+__all__ = ["command_jobs", "command_retry", "command_status", "findings_text", "with_store"]
+
+
+T = TypeVar("T")
+
+
+def with_store(settings: Settings, read: Callable[[Store], T]) -> T | None:
+    """Open the store at ``storage.path``, call ``read`` with it, close it.
+
+    Returns
+    -------
+    object or None
+        What ``read`` returned; None (the reason printed) when there is no store.
+    """
+    try:
+        store = open_store(settings)
+    except InputError as exc:
+        print(f"aenode: {exc}")
+        return None
+    try:
+        return read(store)
+    finally:
+        store.close()
 
 
 def _when(epoch: float | None) -> str:
@@ -75,15 +99,9 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
     int
         0; 1 if there is no store at ``storage.path``.
     """
-    try:
-        store = open_store(settings)
-    except InputError as exc:
-        print(f"aenode: {exc}")
+    report = with_store(settings, lambda store: status_report(store, args.limit))
+    if report is None:
         return 1
-    try:
-        report = status_report(store, args.limit)
-    finally:
-        store.close()
     series = [{**asdict(s), "state": s.state.value} for s in report.series]
     jobs = [_job_dict(j) for j in report.jobs]
     refusing = read_refusal(Path(settings.storage.path))
@@ -145,16 +163,15 @@ def command_jobs(args: argparse.Namespace, settings: Settings) -> int:
     int
         0; 1 if there is no store at ``storage.path``.
     """
-    try:
-        store = open_store(settings)
-    except InputError as exc:
-        print(f"aenode: {exc}")
-        return 1
-    try:
+
+    def read(store: Store) -> tuple[list[dict[str, Any]], dict[int, list[tuple[str, str]]]]:
         jobs = [_job_dict(j) for j in recent_jobs(store, args.limit)]
-        exports = export_states(store, [j["id"] for j in jobs])
-    finally:
-        store.close()
+        return jobs, export_states(store, [j["id"] for j in jobs])
+
+    found = with_store(settings, read)
+    if found is None:
+        return 1
+    jobs, exports = found
     for j in jobs:
         # Per destination: pending, sending, sent, committing (storage commitment asked,
         # no report yet), committed, failed, quarantined.

@@ -23,6 +23,7 @@ import shutil
 import struct
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -103,6 +104,10 @@ def spool_relpath(header: InstanceHeader) -> str:
 _fsync_dir = fsync_dir
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -131,6 +136,7 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
         self._fsync = settings.storage.fsync
         self.pool = FilePool(self.root / "pool", fsync=self._fsync)
+        self._hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="aenode-hash")
         self._min_free = settings.storage.min_free_mb * 1024 * 1024
         self._dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
@@ -161,8 +167,9 @@ class Spool:
             self._dirs.add(folder)
 
     def close(self) -> None:
-        """Remove the pool files not used (when the receiving process stops)."""
+        """Remove the pool files not used and stop the hashing threads (at process stop)."""
         self.pool.close()
+        self._hasher.shutdown(wait=True)
 
     def _write_temp(self, meta: bytes, stream: bytes) -> Path:
         """Write into an empty pool file and fdatasync it; returns the file."""
@@ -222,7 +229,6 @@ class Spool:
         """
         rel = spool_relpath(header)
         final = self.root / rel
-        sha = hashlib.sha256(stream).hexdigest()
         policy = self.settings.storage.duplicate_policy
         ctx = {
             "study": header.study_uid,
@@ -232,16 +238,26 @@ class Spool:
         }
         # Cheap pre-check: an identical re-send needs no write at all.
         known = stored_instance(self.store, header.sop_instance_uid)
-        if known and (known.sha256 == sha or policy == "keep_first"):
-            return self._duplicate(header, sha, known.sha256, known.path, assoc_id, ctx)
-
-        self.check_space(len(meta) + len(stream))
+        digest: Future[str] | None = None
+        if known is None:
+            # A new instance: hash it in another thread while this one waits for the disk
+            # (hashlib and fdatasync both release the GIL).
+            digest = self._hasher.submit(_sha256, stream)
+            sha = ""
+        else:
+            sha = _sha256(stream)
+            if known.sha256 == sha or policy == "keep_first":
+                return self._duplicate(header, sha, known.sha256, known.path, assoc_id, ctx)
         try:
+            self.check_space(len(meta) + len(stream))
             tmp = self._write_temp(meta, stream)
         except OSError as exc:
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise OutOfSpace(f"{self.tmp}: disk full while writing") from exc
             raise
+        finally:
+            if digest is not None:
+                sha = digest.result()
         try:
             now = time.time()
             with self.store.transaction() as conn:

@@ -48,6 +48,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+SPACE_RECHECK_SECONDS = 0.25
+"""How long a free-space reading is trusted (well above the floor; see Spool.check_space)."""
+SPACE_MARGIN = 512 * 1024 * 1024
+"""Room kept for what other processes write between two readings."""
 _SAFE_UID = re.compile(r"^[0-9A-Za-z_\-][0-9A-Za-z._\-]{0,63}$")
 
 
@@ -140,9 +144,22 @@ class Spool:
         self._min_free = settings.storage.min_free_mb * 1024 * 1024
         self._dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+        self._space_lock = threading.Lock()
+        self._space_left = 0
+        self._space_until = 0.0
 
     def check_space(self, size: int) -> None:
-        """Raise :class:`OutOfSpace` if writing ``size`` bytes would go below the floor."""
+        """Raise :class:`OutOfSpace` if writing ``size`` bytes would go below the floor.
+
+        The free space is read (``statvfs``) at most every :data:`SPACE_RECHECK_SECONDS`
+        while it is more than :data:`SPACE_MARGIN` above the floor; in between, what this
+        process wrote is counted off it. Near the floor every write reads it again.
+        """
+        now = time.monotonic()
+        with self._space_lock:
+            if now < self._space_until and self._space_left - size >= self._min_free:
+                self._space_left -= size
+                return
         st = os.statvfs(self.tmp)
         free = st.f_bavail * st.f_frsize
         if free - size < self._min_free:
@@ -150,6 +167,9 @@ class Spool:
                 f"{self.root}: {free // (1024 * 1024)} MB free, storage.min_free_mb is "
                 f"{self.settings.storage.min_free_mb}"
             )
+        with self._space_lock:
+            self._space_left = free - size - SPACE_MARGIN
+            self._space_until = now + SPACE_RECHECK_SECONDS
 
     def _ensure_dir(self, folder: Path) -> None:
         with self._dirs_lock:

@@ -112,7 +112,11 @@ def _one(orthanc: Orthanc, db: Path, study: Path, expect: int) -> dict[str, floa
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
         job = conn.execute(
-            "SELECT * FROM jobs WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,)
+            # The job whose results reached Orthanc (other shipped models may have made a
+            # job for the study that ended without results).
+            "SELECT * FROM jobs WHERE study_uid=? AND t_exported IS NOT NULL"
+            " ORDER BY id DESC LIMIT 1",
+            (study_uid,),
         ).fetchone()
         series = conn.execute(
             "SELECT last_arrival FROM series WHERE series_uid=? ORDER BY revision DESC LIMIT 1",

@@ -122,7 +122,11 @@ def _one(
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
         job = conn.execute(
-            "SELECT * FROM jobs WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,)
+            # The hippocampus job (timed by stage); the study's other jobs (brain-tumour on
+            # its FLAIR series) count only in "all models".
+            "SELECT * FROM jobs WHERE study_uid=? AND model='hippocampus'"
+            " AND t_exported IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (study_uid,),
         ).fetchone()
         series = conn.execute(
             "SELECT last_arrival FROM series WHERE series_uid=? ORDER BY revision DESC LIMIT 1",

@@ -63,11 +63,18 @@ class Row:
     note: str = ""
 
 
+def _hippocampus_rules() -> dict[str, Any]:
+    """config.yaml's selection with only the rules of the one model NodeProcess enables."""
+    selection: dict[str, Any] = yaml.safe_load((ROOT / "config.yaml").read_text())["selection"]
+    selection["rules"] = [r for r in selection["rules"] if r.get("models") == ["hippocampus"]]
+    return selection
+
+
 def _node(tmp: Path, extra: dict[str, Any] | None = None) -> NodeProcess:
     tmp.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "node": {"artim_timeout": 2.0, "pdu_timeout": 5.0},
-        "selection": yaml.safe_load((ROOT / "config.yaml").read_text())["selection"],
+        "selection": _hippocampus_rules(),
         "series": {"quiet_seconds": 3.0},
         "logging": {"level": "INFO"},
     }

@@ -191,3 +191,54 @@ def test_contexts_without_unknown_storage_cover_known_classes_in_every_syntax(
         == "calling AE 'PACS' is not allowed from host 10.0.0.6"
     )
     assert peer_allowed(None, "ANY", "1.2.3.4") == (True, "")
+
+
+def test_recovery_puts_back_a_pool_file_whose_rename_was_lost(
+    tmp_path: Path, sample: pydicom.Dataset
+) -> None:
+    spool = _spool(tmp_path)
+    _, path = _put(spool, sample)
+    written = path.read_bytes()
+    spool.close()
+    # A power cut lost the rename and the commit (neither is fsynced): the data is in the
+    # pool file it was written to. Beside it, a pool file cut off mid-write and an unused one.
+    pool = tmp_path / "pool"
+    assert sorted(pool.iterdir()) == []  # close removed the unused files
+    path.rename(pool / "lost-rename.slot")
+    spool.store.execute("DELETE FROM instances")
+    spool.store.execute("DELETE FROM series")
+    (pool / "cut-off.slot").write_bytes(written[: len(written) // 2])
+    (pool / "unused.slot").write_bytes(b"")
+    report = recover_spool(spool.store, spool.settings)
+    assert (report.placed, report.recovered, report.removed_temporary) == (1, 1, 1)
+    assert path.read_bytes() == written
+    assert list(pool.iterdir()) == []
+    (row,) = spool.store.execute("SELECT * FROM instances")
+    assert row["sop_instance_uid"] == sample.SOPInstanceUID
+    assert tmp_path / row["path"] == path
+
+
+def test_recovery_drops_a_pool_copy_of_a_stored_instance(
+    tmp_path: Path, sample: pydicom.Dataset
+) -> None:
+    spool = _spool(tmp_path)
+    _, path = _put(spool, sample)
+    spool.close()
+    # An identical re-send whose pool file's removal was lost: the stored file stays.
+    copy_in_pool = tmp_path / "pool" / "dup.slot"
+    copy_in_pool.write_bytes(path.read_bytes())
+    report = recover_spool(spool.store, spool.settings)
+    assert (report.placed, report.recovered) == (0, 0)
+    assert not copy_in_pool.exists()
+    assert path.is_file()
+    assert len(spool.store.execute("SELECT * FROM instances")) == 1
+
+
+def test_writes_go_through_files_made_ahead(tmp_path: Path, sample: pydicom.Dataset) -> None:
+    spool = _spool(tmp_path)
+    _, path = _put(spool, sample)
+    left = sorted((tmp_path / "pool").iterdir())
+    # One batch was made; the first file became the spooled instance, the rest wait empty.
+    assert len(left) == spool.pool.batch - 1
+    assert all(p.suffix == ".slot" and p.stat().st_size == 0 for p in left)
+    assert pydicom.dcmread(path).SOPInstanceUID == sample.SOPInstanceUID

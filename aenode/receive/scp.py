@@ -491,7 +491,8 @@ def serve_receiver(
         If the port cannot be bound; the message names the address.
     """
     root = Path(settings.storage.path)
-    # The spool file is the durability point (fsynced with its folder entry); a store row
+    # The spool file is the durability point (fdatasynced in a pool file whose folder entry
+    # was durable before use: see aenode.receive.pool); a store row
     # lost to a power cut is rebuilt from it by recover_spool at start-up, so the store can
     # commit without its own fsync (WAL, synchronous=NORMAL: a crash loses no commit).
     store = Store(root / "aenode.db")
@@ -535,6 +536,7 @@ def serve_receiver(
     while time.monotonic() < deadline and any(a.is_established for a in ae.active_associations):
         time.sleep(0.05)
     ae.shutdown()
+    receiver.spool.close()
     store.close()
 
 

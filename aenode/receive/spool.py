@@ -1,12 +1,16 @@
 """The durable spool: each accepted instance as a Part 10 file, recorded in the store.
 
-Write order for one instance: the file meta and the encoded data set are written to
-``<storage.path>/tmp``, fsynced, renamed into ``<storage.path>/spool/<study>/<series>/<sop>.dcm``
-(the directory fsynced) and recorded in the store, all before the C-STORE is answered.
-The rename and the insert happen in one store transaction, so two associations
-delivering the same SOP Instance UID are serialised. A crash between the rename and the
-commit leaves a spool file without a row: :func:`recover_spool` re-reads its header and
-records it at start-up, and removes unfinished temporary files (never acknowledged).
+Write order for one instance: the file meta and the encoded data set are written into an
+empty file of the :class:`~aenode.receive.pool.FilePool` (``<storage.path>/pool``, whose
+entries were made durable when the pool was filled), fdatasynced, renamed into
+``<storage.path>/spool/<study>/<series>/<sop>.dcm`` and recorded in the store, all before
+the C-STORE is answered. No directory fsync is on that path: the data is durable under the
+pool name or the spool name, and a rename lost to a power cut leaves a written pool file that
+:func:`recover_spool` moves into place at start-up. The rename and the insert happen in one
+store transaction, so two associations delivering the same SOP Instance UID are serialised.
+A crash between the rename and the commit leaves a spool file without a row:
+:func:`recover_spool` re-reads its header and records it. A pool file written only in part
+(a crash during the write, never acknowledged) fails the structural check and is removed.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import shutil
 import struct
 import threading
 import time
-import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -27,7 +31,9 @@ from pathlib import Path
 from aenode.assemble import Admission, admit, spooled_paths, stored_instance, touch
 from aenode.config import Settings
 from aenode.errors import AenodeError
+from aenode.receive.check import check_structure
 from aenode.receive.header import InstanceHeader, InvalidInstance, read_file_header
+from aenode.receive.pool import SLOT_SUFFIX, FilePool, fsync_dir
 from aenode.store import Store
 
 __all__ = [
@@ -42,6 +48,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+SPACE_RECHECK_SECONDS = 0.25
+"""How long a free-space reading is trusted (well above the floor; see Spool.check_space)."""
+SPACE_MARGIN = 512 * 1024 * 1024
+"""Room kept for what other processes write between two readings."""
 _SAFE_UID = re.compile(r"^[0-9A-Za-z_\-][0-9A-Za-z._\-]{0,63}$")
 
 
@@ -95,12 +105,11 @@ def spool_relpath(header: InstanceHeader) -> str:
     return f"spool/{header.study_uid}/{header.series_uid}/{header.sop_instance_uid}.dcm"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -130,12 +139,27 @@ class Spool:
         for folder in (self.tmp, self.spool):
             folder.mkdir(parents=True, exist_ok=True)
         self._fsync = settings.storage.fsync
+        self.pool = FilePool(self.root / "pool", fsync=self._fsync)
+        self._hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="aenode-hash")
         self._min_free = settings.storage.min_free_mb * 1024 * 1024
         self._dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+        self._space_lock = threading.Lock()
+        self._space_left = 0
+        self._space_until = 0.0
 
     def check_space(self, size: int) -> None:
-        """Raise :class:`OutOfSpace` if writing ``size`` bytes would go below the floor."""
+        """Raise :class:`OutOfSpace` if writing ``size`` bytes would go below the floor.
+
+        The free space is read (``statvfs``) at most every :data:`SPACE_RECHECK_SECONDS`
+        while it is more than :data:`SPACE_MARGIN` above the floor; in between, what this
+        process wrote is counted off it. Near the floor every write reads it again.
+        """
+        now = time.monotonic()
+        with self._space_lock:
+            if now < self._space_until and self._space_left - size >= self._min_free:
+                self._space_left -= size
+                return
         st = os.statvfs(self.tmp)
         free = st.f_bavail * st.f_frsize
         if free - size < self._min_free:
@@ -143,6 +167,9 @@ class Spool:
                 f"{self.root}: {free // (1024 * 1024)} MB free, storage.min_free_mb is "
                 f"{self.settings.storage.min_free_mb}"
             )
+        with self._space_lock:
+            self._space_left = free - size - SPACE_MARGIN
+            self._space_until = now + SPACE_RECHECK_SECONDS
 
     def _ensure_dir(self, folder: Path) -> None:
         with self._dirs_lock:
@@ -159,14 +186,25 @@ class Spool:
                     _fsync_dir(created.parent)
             self._dirs.add(folder)
 
+    def close(self) -> None:
+        """Remove the pool files not used and stop the hashing threads (at process stop)."""
+        self.pool.close()
+        self._hasher.shutdown(wait=True)
+
     def _write_temp(self, meta: bytes, stream: bytes) -> Path:
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        """Write into an empty pool file and fdatasync it; returns the file."""
+        tmp = self.pool.take()
+        try:
+            fd = os.open(tmp, os.O_WRONLY)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         try:
             _write_all(fd, meta)
             _write_all(fd, stream)
             if self._fsync:
-                os.fsync(fd)
+                # Data and size; the entry is durable already (see aenode.receive.pool).
+                os.fdatasync(fd)
         except OSError:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -211,7 +249,6 @@ class Spool:
         """
         rel = spool_relpath(header)
         final = self.root / rel
-        sha = hashlib.sha256(stream).hexdigest()
         policy = self.settings.storage.duplicate_policy
         ctx = {
             "study": header.study_uid,
@@ -221,16 +258,26 @@ class Spool:
         }
         # Cheap pre-check: an identical re-send needs no write at all.
         known = stored_instance(self.store, header.sop_instance_uid)
-        if known and (known.sha256 == sha or policy == "keep_first"):
-            return self._duplicate(header, sha, known.sha256, known.path, assoc_id, ctx)
-
-        self.check_space(len(meta) + len(stream))
+        digest: Future[str] | None = None
+        if known is None:
+            # A new instance: hash it in another thread while this one waits for the disk
+            # (hashlib and fdatasync both release the GIL).
+            digest = self._hasher.submit(_sha256, stream)
+            sha = ""
+        else:
+            sha = _sha256(stream)
+            if known.sha256 == sha or policy == "keep_first":
+                return self._duplicate(header, sha, known.sha256, known.path, assoc_id, ctx)
         try:
+            self.check_space(len(meta) + len(stream))
             tmp = self._write_temp(meta, stream)
         except OSError as exc:
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise OutOfSpace(f"{self.tmp}: disk full while writing") from exc
             raise
+        finally:
+            if digest is not None:
+                sha = digest.result()
         try:
             now = time.time()
             with self.store.transaction() as conn:
@@ -240,9 +287,9 @@ class Spool:
                 else:
                     dup = False
                     self._ensure_dir(final.parent)
+                    # No folder fsync: a rename lost to a power cut leaves the written pool
+                    # file, which recover_spool puts in place.
                     os.rename(tmp, final)
-                    if self._fsync:
-                        _fsync_dir(final.parent)
                     admission = admit(
                         conn,
                         self.store,
@@ -314,7 +361,10 @@ class RecoveryReport:
     recovered : int
         Spool files without a store row that were recorded.
     removed_temporary : int
-        Unfinished temporary files removed (never acknowledged to a sender).
+        Unfinished temporary files and pool files written only in part removed (never
+        acknowledged to a sender).
+    placed : int
+        Written pool files whose rename was lost (a power cut), moved into the spool.
     quarantined : int
         Spool files that could not be read, moved to ``<storage.path>/quarantine``.
     """
@@ -322,16 +372,75 @@ class RecoveryReport:
     recovered: int
     removed_temporary: int
     quarantined: int
+    placed: int = 0
 
 
-def _dataset_sha(path: Path) -> tuple[str, int]:
+def _dataset(path: Path) -> bytes:
     data = path.read_bytes()
     # Written by the spool: preamble, DICM, then (0002,0000) UL group length first.
     if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
         raise InvalidInstance(f"{path}: no file meta group length")
     (group_length,) = struct.unpack("<I", data[140:144])
-    stream = data[144 + group_length :]
+    return data[144 + group_length :]
+
+
+def _dataset_sha(path: Path) -> tuple[str, int]:
+    stream = _dataset(path)
     return hashlib.sha256(stream).hexdigest(), len(stream)
+
+
+def _place_pool_files(store: Store, settings: Settings) -> tuple[int, int]:
+    """Move written pool files whose rename was lost into the spool; remove the others.
+
+    Returns
+    -------
+    (int, int)
+        Files placed, and files removed that were written only in part.
+    """
+    root = Path(settings.storage.path)
+    pool = root / "pool"
+    if not pool.is_dir():
+        return 0, 0
+    placed = partial = 0
+    for slot in sorted(pool.glob(f"*{SLOT_SUFFIX}")):
+        if slot.stat().st_size == 0:
+            slot.unlink(missing_ok=True)  # never used
+            continue
+        try:
+            header = read_file_header(slot)
+            check_structure(_dataset(slot), header.transfer_syntax)
+            rel = spool_relpath(header)
+        except InvalidInstance as exc:
+            # Cut off while being written: its C-STORE was never answered with success.
+            slot.unlink(missing_ok=True)
+            partial += 1
+            log.warning("removed a pool file written only in part: %s", exc)
+            continue
+        final = root / rel
+        row = stored_instance(store, header.sop_instance_uid)
+        sha, _ = _dataset_sha(slot)
+        newer = (
+            row is not None
+            and row.sha256 == sha
+            and (not final.exists() or _dataset_sha(final)[0] != sha)
+        )
+        if final.exists() and not newer:
+            slot.unlink(missing_ok=True)  # a duplicate, or a copy already in place
+            continue
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(slot, final)
+        if settings.storage.fsync:
+            fsync_dir(final.parent)
+        placed += 1
+        log.warning(
+            "moved a written pool file into the spool (its rename was lost)",
+            extra={
+                "study": header.study_uid,
+                "series": header.series_uid,
+                "sop_uid": header.sop_instance_uid,
+            },
+        )
+    return placed, partial
 
 
 def recover_spool(store: Store, settings: Settings) -> RecoveryReport:
@@ -355,9 +464,11 @@ def recover_spool(store: Store, settings: Settings) -> RecoveryReport:
         for part in tmp.iterdir():
             part.unlink(missing_ok=True)
             removed += 1
+    placed, partial = _place_pool_files(store, settings)
+    removed += partial
     spool = root / "spool"
     if not spool.is_dir():
-        return RecoveryReport(0, removed, 0)
+        return RecoveryReport(0, removed, 0, placed)
     known = spooled_paths(store)
     recovered = quarantined = 0
     for path in sorted(spool.glob("*/*/*.dcm")):
@@ -401,4 +512,4 @@ def recover_spool(store: Store, settings: Settings) -> RecoveryReport:
                 "sop_uid": header.sop_instance_uid,
             },
         )
-    return RecoveryReport(recovered, removed, quarantined)
+    return RecoveryReport(recovered, removed, quarantined, placed)

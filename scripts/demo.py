@@ -125,13 +125,18 @@ def _series_table(base: str, study_id: str) -> list[dict[str, Any]]:
 def _expected_jobs(study: Path) -> int:
     """How many jobs the default rules make of the study (the `aenode select` dry run)."""
     from aenode.config import load_settings
-    from aenode.select.explain import explain, scan
+    from aenode.select.explain import explain, scan, studies
     from aenode.select.rules import compile_rules
 
     rules = compile_rules(load_settings(ROOT / "config.yaml", environ={}).selection.rules)
     reports, _ = scan([study])
     explain(reports, rules)
-    return sum(len(r.as_dict()["matches"]) for r in reports)
+    # A series rule makes a job per matched series; a study rule (roles) only once every
+    # role is there: Study1's FLAIR fills the stroke rule's flair role, but without DWI and
+    # ADC no stroke job is made.
+    per_series = sum(len(m["models"]) for r in reports for m in r.matches if not m["role"])
+    per_study = sum(len(row["models"]) for row in studies(reports, rules) if not row["missing"])
+    return per_series + per_study
 
 
 def _sr_lines(path: Path) -> list[str]:

@@ -113,7 +113,10 @@ class NodeSettings(_Section):
         default=0,
         ge=0,
         le=64,
-        description="receiving processes sharing the port (SO_REUSEPORT); 0 picks the CPU count",
+        description=(
+            "receiving processes sharing the port (SO_REUSEPORT); 0 picks twice the CPU count, "
+            "at most 16"
+        ),
     )
     stop_timeout_seconds: float = Field(
         default=20.0,

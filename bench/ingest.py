@@ -4,10 +4,14 @@ Data: a synthetic CT series of 300 slices 512x512 int16 (158 MB, Explicit VR LE)
 once into ``bench-out/ingest-300/iia`` (with ImagesInAcquisition=300) and
 ``bench-out/ingest-300/no-iia`` (the same without it, other UIDs).
 
-Reference, measured in the same run and alternating with aenode run by run (storescp,
-aenode, aenode without fsync, again): ``storescp --fork`` writing every instance to a tmp
+Reference, measured in the same run and alternating with aenode run by run (storescp, the
+pynetdicom floor, aenode, aenode without fsync, again): ``storescp --fork`` writing every
+instance to a tmp
 folder (``TCP_NODELAY=1``). aenode runs as ``aenode serve`` with its defaults (durable
-writes: fsync of file and folder, store commit with synchronous=FULL; receivers = CPUs).
+writes: fdatasync of each file into a pool file made durable ahead of use; receivers = twice
+the CPUs). The pynetdicom floor (:mod:`bench.floor_scp`: the same number of processes, a
+handler that answers at once and writes nothing) is the most a receiver on pynetdicom can
+reach here, and runs in the same rotation.
 Every run starts from an empty receiver (fresh folder / fresh store) so that nothing is a
 duplicate. Senders are dcmtk storescu (``TCP_NODELAY=1``): one association with all 300
 files, or 4 storescu processes in parallel with a quarter each. Time = wall clock from
@@ -30,6 +34,7 @@ import signal
 import sqlite3
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aenode.receive.workers import MAX_DEFAULT_RECEIVERS
 from bench.common import ct_slice, free_port, wait_port
 
 __all__ = ["main"]
@@ -91,6 +97,24 @@ def _send(port: int, files: Sequence[Path], senders: int) -> float:
     return time.perf_counter() - t0
 
 
+def _floor_run(files: Sequence[Path], senders: int, processes: int) -> float:
+    """The pynetdicom floor (:mod:`bench.floor_scp`) with as many processes as aenode."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.floor_scp", str(port), str(processes)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        time.sleep(0.5)  # every process is listening
+        return _send(port, files, senders)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def _storescp_run(files: Sequence[Path], senders: int) -> float:
     port = free_port()
     with tempfile.TemporaryDirectory(dir=ROOT / "bench-out") as out:
@@ -115,12 +139,12 @@ def _storescp_run(files: Sequence[Path], senders: int) -> float:
 class _Node:
     """``aenode serve`` on a fresh store."""
 
-    def __init__(self, grace: float = 1.0, fsync: bool = True) -> None:
+    def __init__(self, grace: float = 1.0, fsync: bool = True, node: str = "") -> None:
         self.dir = Path(tempfile.mkdtemp(dir=ROOT / "bench-out"))
         self.port = free_port()
         config = self.dir / "aenode.yaml"
         config.write_text(
-            f"node: {{host: 127.0.0.1, port: {self.port}}}\n"
+            f"node: {{host: 127.0.0.1, port: {self.port}{node}}}\n"
             f"storage: {{path: {self.dir / 'var'}, min_free_mb: 100,"
             f" fsync: {str(fsync).lower()}}}\n"
             f"series: {{release_grace_seconds: {grace}}}\n"
@@ -184,29 +208,35 @@ def main() -> None:
     print(f"{N} CT slices 512x512 int16 ({size:.0f} MB), median of {REPEATS} alternating runs")
     print(f"cpus={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (other work skews this)")
     _storescp_run(iia, 1)  # warm the page cache and the binaries
+    processes = min(MAX_DEFAULT_RECEIVERS, 2 * (os.cpu_count() or 1))  # aenode's default
     latencies: list[float] = []
     for senders in (1, 4):
         ref: list[float] = []
+        floor: list[float] = []
         ours: list[float] = []
         lax: list[float] = []
         ratios: list[float] = []
         for _ in range(REPEATS):
-            # storescp, aenode, aenode without fsync in turn: a burst of load elsewhere on
-            # the machine falls on all three alike.
+            # storescp, the pynetdicom floor, aenode, aenode without fsync in turn: a burst
+            # of load elsewhere on the machine falls on all four alike.
             ref.append(_storescp_run(iia, senders))
+            floor.append(_floor_run(iia, senders, processes))
             seconds, latency = _aenode_run(iia, senders)
             ours.append(seconds)
             latencies.append(latency)
             lax.append(_aenode_run(iia, senders, fsync=False)[0])
             ratios.append(ref[-1] / seconds)
         ref_rate, our_rate = N / statistics.median(ref), N / statistics.median(ours)
-        lax_rate = N / statistics.median(lax)
+        lax_rate, floor_rate = N / statistics.median(lax), N / statistics.median(floor)
         target = TARGETS[senders]
         print(
             f"{senders} sender(s): storescp {_rates(ref)}, aenode {_rates(ours)}, "
             f"ratio {our_rate / ref_rate:.2f} (per run {min(ratios):.2f}-{max(ratios):.2f}; "
             f"target >= {target}); aenode without fsync {_rates(lax)}, "
-            f"ratio {lax_rate / ref_rate:.2f}"
+            f"ratio {lax_rate / ref_rate:.2f}\n"
+            f"  pynetdicom floor (handler answers at once, nothing written; {processes} "
+            f"processes) {_rates(floor)}: ratio to storescp {floor_rate / ref_rate:.2f}, "
+            f"aenode reaches {our_rate / floor_rate:.2f} of it"
         )
     print(
         f"completion latency with ImagesInAcquisition: median {statistics.median(latencies):.3f} s,"

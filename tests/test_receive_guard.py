@@ -21,7 +21,9 @@ from conftest import dcmtk
 from nodes import Receivers
 from pynetdicom import AE
 
-from aenode.receive.guard import AssociationSlots
+from aenode.config import Settings
+from aenode.receive.guard import AssociationSlots, GuardedSocket
+from aenode.receive.workers import TIMER_SLACK_NS, receiver_count
 
 pytestmark = pytest.mark.network
 
@@ -162,3 +164,54 @@ def test_sixteen_parallel_senders_are_all_accepted(data_dir: Path, tmp_path: Pat
         assert "Local Limit" not in node.log_text()
     finally:
         node.stop()
+
+
+def test_guarded_socket_keeps_its_timeouts_in_the_kernel() -> None:
+    """No Python-level timeout (it costs a poll() before each of pynetdicom's 4 kB reads):
+    SO_RCVTIMEO ends a read that waits pdu_timeout, and the PDU framing is still followed."""
+    ours, peer = socket.socketpair()
+    guarded = GuardedSocket(ours, max_pdu=1000, pdu_timeout=0.3)
+    try:
+        assert guarded.gettimeout() is None
+        seconds, micros = struct.unpack(
+            "@ll", guarded.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+        )
+        assert (seconds, micros) == (0, 300000)
+        peer.sendall(b"\x04\x00" + struct.pack(">L", 100) + b"\x01" * 60)
+        assert guarded.recv(6) == b"\x04\x00\x00\x00\x00\x64"
+        assert guarded.recv(4096) == b"\x01" * 60
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            guarded.recv(40)
+        assert 0.25 < time.monotonic() - start < 2.0
+        with pytest.raises(ConnectionAbortedError, match="did not arrive in time"):
+            guarded.recv(40)  # past the PDU's deadline
+        assert peer.recv(10) == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])  # A-ABORT
+    finally:
+        guarded.close()
+        peer.close()
+    ours, peer = socket.socketpair()
+    guarded = GuardedSocket(ours, max_pdu=1000, pdu_timeout=5.0)
+    try:
+        peer.sendall(b"\x04\x00" + struct.pack(">L", 10) + b"\x02" * 10)
+        peer.sendall(b"\x04\x00" + struct.pack(">L", 5000))
+        assert guarded.recv(16) == b"\x04\x00\x00\x00\x00\x0a" + b"\x02" * 10
+        with pytest.raises(ConnectionAbortedError, match="a PDU declares 5000 bytes"):
+            guarded.recv(6)
+    finally:
+        guarded.close()
+        peer.close()
+
+
+def test_receiving_processes_run_with_a_1_us_timer_slack(node: Receivers) -> None:
+    """pynetdicom hands each C-STORE between its threads by 1 ms polling sleeps."""
+    assert node.proc is not None
+    children = Path(f"/proc/{node.proc.pid}/task/{node.proc.pid}/children").read_text().split()
+    assert len(children) == 2
+    for pid in children:
+        assert Path(f"/proc/{pid}/timerslack_ns").read_text().strip() == str(TIMER_SLACK_NS)
+
+
+def test_default_receivers_are_twice_the_cpus_at_most_16() -> None:
+    assert receiver_count(Settings()) == min(16, 2 * (os.cpu_count() or 1))
+    assert receiver_count(Settings.model_validate({"node": {"receivers": 3}})) == 3

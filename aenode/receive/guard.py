@@ -72,17 +72,34 @@ class GuardedSocket(socket.socket):
         super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
         self.max_pdu = max_pdu
         self.pdu_timeout = pdu_timeout
-        self.settimeout(pdu_timeout)
+        # The timeout lives in the kernel (SO_RCVTIMEO/SO_SNDTIMEO) and the socket stays in
+        # blocking mode: a Python-level timeout costs a poll() before every read, and
+        # pynetdicom reads a PDU 4 kB at a time (about 130 reads per CT slice).
+        self.settimeout(None)
+        seconds = int(pdu_timeout)
+        timeval = struct.pack("@ll", seconds, int((pdu_timeout - seconds) * 1e6))
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self._header = bytearray()
         self._left = 0  # bytes of the current PDU's body still to come
         self._deadline = 0.0
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        """Read as :meth:`socket.socket.recv`; raise ``OSError`` for a PDU beyond the limits."""
+        """Read as :meth:`socket.socket.recv`; raise ``OSError`` for a PDU beyond the limits.
+
+        ``TimeoutError`` when nothing arrived for ``pdu_timeout`` seconds.
+        """
         if (self._left or self._header) and time.monotonic() > self._deadline:
             self._abort("the PDU did not arrive in time")
-        data = super().recv(bufsize, flags)
-        if not flags & socket.MSG_PEEK:
+        try:
+            data = super().recv(bufsize, flags)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            raise TimeoutError(f"no data for {self.pdu_timeout:g} s") from None
+        if flags & socket.MSG_PEEK:
+            return data
+        if len(data) <= self._left:  # inside a PDU's body: the common case
+            self._left -= len(data)
+        else:
             self._follow(data)
         return data
 
@@ -119,10 +136,12 @@ class GuardedSocket(socket.socket):
 
 def _peer(sock: socket.socket) -> str:
     try:
-        host, port = sock.getpeername()[:2]
+        name = sock.getpeername()
     except OSError:
         return "?"
-    return f"{host}:{port}"
+    if isinstance(name, tuple) and len(name) >= 2:
+        return f"{name[0]}:{name[1]}"
+    return str(name) or "?"
 
 
 class ConnectionGuard:

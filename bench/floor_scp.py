@@ -2,8 +2,9 @@
 
 No write, no parse, no store: the handler returns 0x0000 as soon as pynetdicom hands it the
 data set. It runs with what aenode's receivers get from the same stack (several processes
-sharing the port with ``SO_REUSEPORT``, ``TCP_NODELAY``, unlimited PDU size, pynetdicom's
-logging off, 1 us timer slack), so its rate is the most any receiver built on pynetdicom
+sharing the port through aenode's ``ReceiverServer``, so ``SO_REUSEPORT`` and
+``TCP_NODELAY``, without the connection guard; unlimited PDU size, pynetdicom's logging
+off, aenode's timer slack), so its rate is the most any receiver built on pynetdicom
 reaches on this machine; ``bench ingest`` prints aenode's rate against it as well as against
 dcmtk storescp.
 
@@ -12,31 +13,19 @@ Run: ``python -m bench.floor_scp PORT PROCESSES`` (stops on SIGTERM).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import socket
 import sys
 from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
+
+from aenode.receive.scp import ReceiverServer
+from aenode.receive.workers import set_timer_slack
 
 __all__ = ["main"]
-
-
-class _Server(ThreadedAssociationServer):
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        client, address = super().get_request()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return client, address
 
 
 def _answer(event: Event) -> int:
@@ -44,17 +33,14 @@ def _answer(event: Event) -> int:
 
 
 def _serve(port: int) -> None:
-    try:
-        ctypes.CDLL("libc.so.6").prctl(29, 1000)  # PR_SET_TIMERSLACK, as aenode's receivers
-    except OSError:
-        pass
+    set_timer_slack()
     _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title="AENODE")
     ae.maximum_pdu_size = 0
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, list(AllTransferSyntaxes))
     server = ae.make_server(
-        ("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, _answer)], server_class=_Server
+        ("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, _answer)], server_class=ReceiverServer
     )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     server.serve_forever()

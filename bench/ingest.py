@@ -6,12 +6,11 @@ once into ``bench-out/ingest-300/iia`` (with ImagesInAcquisition=300) and
 
 Reference, measured in the same run and alternating with aenode run by run (storescp, the
 pynetdicom floor, aenode, aenode without fsync, again): ``storescp --fork`` writing every
-instance to a tmp
-folder (``TCP_NODELAY=1``). aenode runs as ``aenode serve`` with its defaults (durable
-writes: fdatasync of each file into a pool file made durable ahead of use; receivers = twice
-the CPUs). The pynetdicom floor (:mod:`bench.floor_scp`: the same number of processes, a
-handler that answers at once and writes nothing) is the most a receiver on pynetdicom can
-reach here, and runs in the same rotation.
+instance to a tmp folder (``TCP_NODELAY=1``). aenode runs as ``aenode serve`` with its
+defaults (durable writes: fdatasync of each file into a pool file made durable ahead of
+use; receivers = twice the CPUs). The pynetdicom floor (:mod:`bench.floor_scp`: the same
+number of processes, a handler that answers at once and writes nothing) is the most a
+receiver on pynetdicom can reach here, and runs in the same rotation.
 Every run starts from an empty receiver (fresh folder / fresh store) so that nothing is a
 duplicate. Senders are dcmtk storescu (``TCP_NODELAY=1``): one association with all 300
 files, or 4 storescu processes in parallel with a quarter each. Time = wall clock from
@@ -42,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aenode.receive.workers import MAX_DEFAULT_RECEIVERS
+from aenode.config import Settings
+from aenode.receive.workers import receiver_count
 from bench.common import ct_slice, free_port, wait_port
 
 __all__ = ["main"]
@@ -208,7 +208,7 @@ def main() -> None:
     print(f"{N} CT slices 512x512 int16 ({size:.0f} MB), median of {REPEATS} alternating runs")
     print(f"cpus={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (other work skews this)")
     _storescp_run(iia, 1)  # warm the page cache and the binaries
-    processes = min(MAX_DEFAULT_RECEIVERS, 2 * (os.cpu_count() or 1))  # aenode's default
+    processes = receiver_count(Settings())  # aenode's default
     latencies: list[float] = []
     for senders in (1, 4):
         ref: list[float] = []

@@ -26,7 +26,7 @@ from aenode.receive.guard import AssociationSlots, shared_counts
 from aenode.receive.scp import serve_receiver
 from aenode.supervise import Backoff
 
-__all__ = ["ReceiverError", "ReceiverPool", "receiver_count"]
+__all__ = ["ReceiverError", "ReceiverPool", "receiver_count", "set_timer_slack"]
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,21 @@ def receiver_count(settings: Settings) -> int:
     return settings.node.receivers or min(MAX_DEFAULT_RECEIVERS, 2 * (os.cpu_count() or 1))
 
 
+def set_timer_slack() -> None:
+    """Set this process's timer slack to :data:`TIMER_SLACK_NS` (Linux; elsewhere nothing).
+
+    Threads started afterwards inherit it (pynetdicom starts two per association).
+    """
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_TIMERSLACK, TIMER_SLACK_NS)
+    except OSError:
+        pass
+
+
 def _die_with_parent(parent: int) -> None:
-    """Die with the parent (``PR_SET_PDEATHSIG``) and set the timer slack (both Linux)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        # Threads started after this inherit it (pynetdicom starts two per association).
-        libc.prctl(_PR_SET_TIMERSLACK, TIMER_SLACK_NS)
     except OSError:  # not Linux: fall back to the parent check below
         pass
     if os.getppid() != parent:
@@ -79,6 +87,7 @@ def _child(
     index: int = 0,
 ) -> None:
     _die_with_parent(parent)
+    set_timer_slack()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

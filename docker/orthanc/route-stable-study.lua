@@ -7,9 +7,11 @@ function OnStableStudy(studyId, tags, metadata)
   local ids = {}
   for _, s in pairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))) do
     local first = s['Instances'][1]
-    local ok, aet = pcall(RestApiGet, '/instances/' .. first .. '/metadata/RemoteAET')
-    if not ok or aet ~= 'AENODE' then
-      table.insert(ids, s['ID'])
+    if first ~= nil then  -- a series emptied meanwhile has nothing to send
+      local ok, aet = pcall(RestApiGet, '/instances/' .. first .. '/metadata/RemoteAET')
+      if not ok or aet ~= 'AENODE' then
+        table.insert(ids, s['ID'])
+      end
     end
   end
   if #ids > 0 then
